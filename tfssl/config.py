@@ -1,0 +1,243 @@
+"""Typed run configuration: YAML recipes validated into dataclasses, with ``--set section.key=value`` overrides.
+
+A recipe has the sections ``method, model, data, augment, train, eval, export, distribute``. Every key is checked
+against the dataclass of its section (and, for ``method``, against the parameter dataclass of the chosen method), so an
+unknown key, a wrong type or a bad choice is one :class:`ConfigError` that names the key and the valid choices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the key/file and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"          # resnet18 | resnet34 | resnet50 | tiny
+    cifar_stem: bool = True             # 3x3 stride-1 conv, no max-pool (small images)
+    width: float = 1.0                  # width multiplier of every stage
+    sync_bn: bool = True                # BatchNormalization(synchronized=True) under multi-replica strategies
+    projector_hidden: int = 2048
+    projector_dim: int = 128
+    projector_bn: bool = False          # BN after the hidden layer (SimCLR/WCL style)
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"         # fashion_mnist | tfds:<name> | folder | numpy
+    path: Optional[str] = None          # idx dir (fashion_mnist), image folder, or .npz file
+    data_dir: Optional[str] = None      # TFDS data_dir
+    test_path: Optional[str] = None     # folder source: optional held-out folder
+    limit: Optional[int] = None         # use only the first N training images
+    test_limit: Optional[int] = None    # use only the first N held-out images (kNN monitor)
+    image_size: int = 32                # images are resized to this before the views
+    channels: int = 3                   # 3 = grayscale images are replicated to RGB
+    shuffle_buffer: int = 10000
+    seed: Optional[int] = 0
+    download: bool = False              # allow TFDS to download (never in tests)
+    on_corrupt: str = "skip"            # skip | error
+
+
+@dataclass
+class AugmentConfig:
+    preset: str = "fashion_mnist"       # fashion_mnist | cifar | stl10 | imagenet
+    size: int = 32                      # output size of the large crops
+    on_device: bool = False             # run the views inside train_step instead of the tf.data pipeline
+    small_crops: int = 0                # multi-crop: number of small student crops
+    small_size: int = 16
+    small_scale: List[float] = field(default_factory=lambda: [0.05, 0.14])
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    steps_per_epoch: Optional[int] = None   # None = one pass over the (limited) training set
+    batch_size: int = 256                   # global batch, split over replicas
+    optimizer: str = "sgd"                  # sgd | lars | lamb
+    lr: float = 0.06                        # base learning rate, scaled by lr_scaling
+    lr_scaling: str = "linear"              # linear (lr*B/256) | sqrt (lr*sqrt(B)) | none
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    warmup_epochs: float = 0.0
+    probe_lr: float = 0.1
+    seed: int = 0
+    jit_compile: bool = False
+    precision: str = "float32"
+    knn_every: int = 1                      # run the kNN monitor every N epochs (0 = only at the end)
+    verbose: int = 1
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    knn_train_limit: Optional[int] = None   # memory bank size for the kNN monitor (None = all training images)
+    epochs: int = 10
+
+
+@dataclass
+class ExportConfig:
+    formats: List[str] = field(default_factory=lambda: ["savedmodel", "onnx", "keras"])
+    input_size: Optional[int] = None
+
+
+@dataclass
+class DistributeConfig:
+    strategy: str = "default"               # default | mirrored | multi_worker | tpu
+    logical_cpus: int = 0                   # >1: split the CPU into N logical devices (testing MirroredStrategy)
+    tpu: Optional[str] = None
+
+
+CHOICES = {
+    ("model", "backbone"): ["resnet18", "resnet34", "resnet50", "tiny"],
+    ("data", "on_corrupt"): ["skip", "error"],
+    ("augment", "preset"): ["fashion_mnist", "cifar", "stl10", "imagenet"],
+    ("train", "optimizer"): ["sgd", "lars", "lamb"],
+    ("train", "lr_scaling"): ["linear", "sqrt", "none"],
+    ("train", "precision"): ["float32", "mixed_bfloat16", "mixed_float16"],
+    ("distribute", "strategy"): ["default", "mirrored", "multi_worker", "tpu"],
+}
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig, "train": TrainConfig,
+            "eval": EvalConfig, "export": ExportConfig, "distribute": DistributeConfig}
+
+
+@dataclass
+class Config:
+    method: Any = None                      # the chosen method's parameter dataclass (has a ``name`` field)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    distribute: DistributeConfig = field(default_factory=DistributeConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _suggest(key, valid):
+    close = difflib.get_close_matches(key, valid, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(where: str, value: Any, typ) -> Any:
+    """Check ``value`` against the annotation ``typ``; ints are accepted for floats."""
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin is typing.Union:                      # Optional[X]
+        if value is None:
+            return None
+        return _coerce(where, value, [a for a in args if a is not type(None)][0])
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if typ in (int, float, str) and (not isinstance(value, typ) or isinstance(value, bool) and typ is not bool):
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(section: str, cls, values: Dict[str, Any], source: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: section '{section}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{section}.{key}'{_suggest(key, names)}; "
+                              f"valid keys of '{section}': {', '.join(names)}")
+        value = _coerce(f"{source}: {section}.{key}", value, hints[key])
+        choices = CHOICES.get((section, key))
+        if choices and value not in choices:
+            raise ConfigError(f"{source}: {section}.{key}={value!r} is not one of {', '.join(choices)}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def from_dict(raw: Dict[str, Any], source: str = "<config>") -> Config:
+    """Validate a nested dict (a parsed recipe) into a :class:`Config`."""
+    from tfssl.methods import METHODS  # method parameter dataclasses live beside their methods
+
+    raw = dict(raw or {})
+    valid = ["method"] + list(SECTIONS)
+    for key in raw:
+        if key not in valid:
+            raise ConfigError(f"{source}: unknown section '{key}'{_suggest(key, valid)}; valid: {', '.join(valid)}")
+    method = dict(raw.get("method") or {})
+    name = method.pop("name", None)
+    if name not in METHODS:
+        raise ConfigError(f"{source}: method.name={name!r} is not one of {', '.join(sorted(METHODS))}")
+    params = _build("method", METHODS[name].Params, method, source)
+    cfg = Config(method=params, **{s: _build(s, cls, raw.get(s) or {}, source) for s, cls in SECTIONS.items()})
+    return cfg
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: List[str], source: str = "--set") -> Dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML scalars/lists) onto a raw recipe dict."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in (raw or {}).items()}
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"{source} {item!r}: expected section.key=value, e.g. train.epochs=5")
+        path, value = item.split("=", 1)
+        section, key = path.split(".", 1)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{source} {item!r}: '{section}' is not a section")
+        raw[section][key] = _parse_scalar(value)
+    return raw
+
+
+def resolve_path(name_or_path: str) -> str:
+    """A recipe path, or a recipe name looked up in ./configs and in the configs/ beside the package."""
+    candidates = [name_or_path]
+    if not name_or_path.endswith((".yaml", ".yml")):
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        candidates += [os.path.join(d, name_or_path + ".yaml") for d in ("configs", os.path.join(here, "configs"))]
+    for c in candidates:
+        if os.path.isfile(c):
+            return c
+    raise ConfigError(f"config file not found: {name_or_path!r} (looked in: {', '.join(candidates)}); "
+                      f"pass a YAML path or a recipe name from configs/, e.g. ressl_fashion_mnist")
+
+
+def load(path: str, overrides: Optional[List[str]] = None) -> Config:
+    """Read a YAML recipe (path or recipe name), apply overrides and validate."""
+    path = resolve_path(path)
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections")
+    return from_dict(apply_overrides(raw, overrides or []), source=path)
+
+
+def dump(cfg: Config, path: str) -> None:
+    """Write the resolved config as YAML (temp file, then rename)."""
+    d = cfg.to_dict()
+    d["method"] = dict(name=type(cfg.method).method_name, **d["method"])
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(d, f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,253 @@
+"""Data sources and tf.data pipelines (METHODS.md, "Datasets and protocols").
+
+Sources: Fashion-MNIST (upstream idx files, e.g. Debian's ``dataset-fashion-mnist``, else TFDS), any TFDS name, an
+image folder (one sub-folder per class, or flat and unlabelled; label −1) and numpy arrays. A source yields
+``{"image": uint8 [H,W,C], "label": int32}`` elements already resized to ``data.image_size`` with ``data.channels``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+AUTOTUNE = tf.data.AUTOTUNE
+# Per-dataset normalisation statistics of images in [0, 1] (used by the backbone's first layer).
+STATS = {"fashion_mnist": ((0.286,) * 3, (0.353,) * 3), "cifar10": ((0.491, 0.482, 0.447), (0.247, 0.243, 0.262)),
+         "cifar100": ((0.507, 0.487, 0.441), (0.267, 0.256, 0.276))}
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+class DataError(RuntimeError):
+    """A dataset that cannot be read; the message names the fix."""
+
+
+@dataclasses.dataclass
+class Source:
+    """A train split, a held-out split (may be None), and what is known about them."""
+    train: tf.data.Dataset
+    test: Optional[tf.data.Dataset]
+    num_train: int
+    num_test: int
+    num_classes: int
+    name: str
+    mean: tuple = (0.5, 0.5, 0.5)
+    std: tuple = (0.5, 0.5, 0.5)
+    skipped_corrupt: int = 0
+
+
+def _read_idx(path):
+    with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist_idx(directory=FASHION_MNIST_DIR):
+    """(x_train [60000,28,28,1], y_train, x_test, y_test) from the upstream idx(.gz) files in ``directory``."""
+    out = []
+    for split in ("train", "t10k"):
+        for kind in ("images-idx3", "labels-idx1"):
+            base = os.path.join(directory, f"{split}-{kind}-ubyte")
+            path = base + ".gz" if os.path.exists(base + ".gz") else base
+            if not os.path.exists(path):
+                raise DataError(f"Fashion-MNIST file missing: {base}[.gz]")
+            out.append(_read_idx(path))
+    x_tr, y_tr, x_te, y_te = out
+    return x_tr[..., None], y_tr.astype(np.int32), x_te[..., None], y_te.astype(np.int32)
+
+
+def _prepare(image, size, channels):
+    """uint8 image of any size/channels → uint8 [size,size,channels]."""
+    if image.shape[-1] == 1 and channels == 3:
+        image = tf.image.grayscale_to_rgb(image)
+    elif image.shape[-1] == 3 and channels == 1:
+        image = tf.cast(tf.image.rgb_to_grayscale(image), tf.uint8)
+    image = tf.image.resize(image, [size, size], antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def _from_arrays(x, y, cfg):
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise DataError(f"image array must be [N,H,W] or [N,H,W,1|3], got shape {x.shape}")
+    if x.dtype != np.uint8:
+        x = np.clip(np.round(x * 255.0 if x.max() <= 1.0 else x), 0, 255).astype(np.uint8)
+    y = np.full([len(x)], -1, np.int32) if y is None else np.asarray(y, np.int32)
+    ds = tf.data.Dataset.from_tensor_slices({"image": x, "label": y})
+    return ds.map(lambda e: {"image": _prepare(e["image"], cfg.image_size, cfg.channels), "label": e["label"]},
+                  num_parallel_calls=AUTOTUNE), len(x)
+
+
+def from_numpy(x_train, y_train, x_test=None, y_test=None, cfg=None, name="numpy", mean=None, std=None):
+    """A :class:`Source` from arrays (uint8 0–255 or float 0–1; labels may be None = unlabelled)."""
+    from tfssl.config import DataConfig
+    cfg = cfg or DataConfig(name="numpy")
+    if cfg.limit:
+        x_train = x_train[:cfg.limit]
+        y_train = None if y_train is None else y_train[:cfg.limit]
+    if x_test is not None and cfg.test_limit:
+        x_test, y_test = x_test[:cfg.test_limit], None if y_test is None else y_test[:cfg.test_limit]
+    train, n = _from_arrays(x_train, y_train, cfg)
+    test, n_test = _from_arrays(x_test, y_test, cfg) if x_test is not None else (None, 0)
+    labels = [l for l in (y_train, y_test) if l is not None]
+    k = int(max(int(np.max(l)) for l in labels) + 1) if labels else 0
+    mean = mean or (float(np.mean(x_train) / (255.0 if np.asarray(x_train).dtype == np.uint8 else 1.0)),) * 3
+    std = std or (float(np.std(x_train) / (255.0 if np.asarray(x_train).dtype == np.uint8 else 1.0)),) * 3
+    return Source(train, test, n, n_test, k, name, tuple(mean), tuple(std))
+
+
+def _fashion_mnist(cfg):
+    directory = cfg.path or FASHION_MNIST_DIR
+    if os.path.isdir(directory):
+        x_tr, y_tr, x_te, y_te = load_fashion_mnist_idx(directory)
+        return from_numpy(x_tr, y_tr, x_te, y_te, cfg, "fashion_mnist", *STATS["fashion_mnist"])
+    try:
+        return _tfds("fashion_mnist", cfg)
+    except DataError as e:
+        raise DataError(f"Fashion-MNIST not found: no idx files in {directory} and TFDS failed ({e}). Fix: "
+                        f"`apt-get install -y dataset-fashion-mnist` (as root), or set data.path=DIR holding "
+                        f"train-images-idx3-ubyte.gz etc., or data.download=true with internet access") from None
+
+
+def _tfds(name, cfg):
+    import tensorflow_datasets as tfds
+    try:
+        builder = tfds.builder(name, data_dir=cfg.data_dir)
+        if cfg.download:
+            builder.download_and_prepare()
+        splits = builder.info.splits
+        test_split = "test" if "test" in splits else ("validation" if "validation" in splits else None)
+        train = builder.as_dataset(split="train", shuffle_files=False)
+        test = builder.as_dataset(split=test_split) if test_split else None
+    except Exception as e:  # TFDS raises many types for a missing dataset
+        raise DataError(f"TFDS dataset {name!r} is not available in data_dir={cfg.data_dir or '~/tensorflow_datasets'}"
+                        f" ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Fix: prepare it with "
+                        f"`tfds build {name}` on a machine with internet, or set data.download=true") from None
+    n_train, n_test = splits["train"].num_examples, splits[test_split].num_examples if test_split else 0
+    if cfg.limit:
+        train, n_train = train.take(cfg.limit), min(n_train, cfg.limit)
+    if test is not None and cfg.test_limit:
+        test, n_test = test.take(cfg.test_limit), min(n_test, cfg.test_limit)
+    prep = lambda e: {"image": _prepare(e["image"], cfg.image_size, cfg.channels),
+                      "label": tf.cast(e.get("label", -1), tf.int32)}
+    k = builder.info.features["label"].num_classes if "label" in builder.info.features else 0
+    mean, std = STATS.get(name, IMAGENET_STATS)
+    return Source(train.map(prep, AUTOTUNE), test.map(prep, AUTOTUNE) if test is not None else None,
+                  n_train, n_test, k, name, mean, std)
+
+
+def scan_folder(root, on_corrupt="skip"):
+    """(paths, labels, class_names, corrupt_paths) of an image folder; flat folders give label −1."""
+    from PIL import Image
+    if not os.path.isdir(root):
+        raise DataError(f"image folder not found: {root}; set data.path to a folder of images "
+                        f"(one sub-folder per class, or flat)")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    entries = ([(os.path.join(root, c, f), i) for i, c in enumerate(classes)
+                for f in sorted(os.listdir(os.path.join(root, c)))] if classes else
+               [(os.path.join(root, f), -1) for f in sorted(os.listdir(root))])
+    entries = [(p, l) for p, l in entries if p.lower().endswith(IMAGE_EXTENSIONS)]
+    good, corrupt = [], []
+    for path, label in entries:
+        try:
+            with Image.open(path) as im:
+                im.load()
+            good.append((path, label))
+        except Exception as e:
+            if on_corrupt == "error":
+                raise DataError(f"corrupt image {path}: {e}; remove it or set data.on_corrupt=skip") from None
+            corrupt.append(path)
+    if not good:
+        raise DataError(f"image folder {root} holds no readable {'/'.join(IMAGE_EXTENSIONS)} images")
+    return [p for p, _ in good], np.array([l for _, l in good], np.int32), classes, corrupt
+
+
+def _folder_split(root, cfg, limit):
+    paths, labels, classes, corrupt = scan_folder(root, cfg.on_corrupt)
+    paths, labels = paths[:limit] if limit else paths, labels[:limit] if limit else labels
+
+    def decode(path, label):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        image.set_shape([None, None, 3])
+        return {"image": _prepare(image, cfg.image_size, cfg.channels), "label": label}
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels)).map(decode, AUTOTUNE).ignore_errors()
+    return ds, len(paths), len(classes), len(corrupt)
+
+
+def _folder(cfg):
+    if not cfg.path:
+        raise DataError("data.name=folder needs data.path=DIR (one sub-folder per class, or flat)")
+    train, n, k, bad = _folder_split(cfg.path, cfg, cfg.limit)
+    test, n_test, bad_test = None, 0, 0
+    if cfg.test_path:
+        test, n_test, _, bad_test = _folder_split(cfg.test_path, cfg, cfg.test_limit)
+    mean, std = IMAGENET_STATS
+    return Source(train, test, n, n_test, k, "folder", mean, std, skipped_corrupt=bad + bad_test)
+
+
+def _numpy_file(cfg):
+    if not cfg.path or not os.path.isfile(cfg.path):
+        raise DataError(f"data.name=numpy needs data.path=FILE.npz with x_train[, y_train, x_test, y_test]; "
+                        f"got {cfg.path!r}")
+    with np.load(cfg.path) as f:
+        get = lambda k: f[k] if k in f else None
+        if get("x_train") is None:
+            raise DataError(f"{cfg.path} has no array 'x_train' (found: {', '.join(f.files)})")
+        return from_numpy(get("x_train"), get("y_train"), get("x_test"), get("y_test"), cfg)
+
+
+def load_source(cfg) -> Source:
+    """The :class:`Source` named by ``cfg`` (a :class:`tfssl.config.DataConfig`)."""
+    if cfg.name == "fashion_mnist":
+        return _fashion_mnist(cfg)
+    if cfg.name.startswith("tfds:"):
+        return _tfds(cfg.name[5:], cfg)
+    if cfg.name == "folder":
+        return _folder(cfg)
+    if cfg.name == "numpy":
+        return _numpy_file(cfg)
+    raise DataError(f"data.name={cfg.name!r} is not one of fashion_mnist, tfds:<name>, folder, numpy")
+
+
+def train_pipeline(ds, batch_size, views=None, seed=None, shuffle_buffer=10000, repeat=True):
+    """Shuffle, repeat, batch (drop remainder: static shapes for XLA/TPU) and, if given, make the views in-pipeline.
+
+    Yields ``{"image", "label"}`` batches, or ``{"views": tuple, "label"}`` when ``views`` (a
+    :class:`tfssl.views.Views`) runs here instead of on the device.
+    """
+    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.batch(batch_size, drop_remainder=True)
+    if views is not None:
+        ds = ds.map(lambda e: {"views": views(e["image"]), "label": e["label"]}, num_parallel_calls=AUTOTUNE,
+                    deterministic=seed is not None)
+    return ds.prefetch(AUTOTUNE)
+
+
+def eval_pipeline(ds, batch_size):
+    """Batched images in [0,1] with labels, in order, last batch kept."""
+    return ds.map(lambda e: (tf.cast(e["image"], tf.float32) / 255.0, e["label"]), AUTOTUNE) \
+        .batch(batch_size).prefetch(AUTOTUNE)
+
+
+def label_fraction(labels, fraction, seed=0):
+    """Sorted indices of a stratified subset: round(fraction·n_c) (≥1) images of every class c, seeded."""
+    labels = np.asarray(labels)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        picked.append(rng.permutation(idx)[:max(1, int(round(fraction * len(idx))))])
+    return np.sort(np.concatenate(picked))

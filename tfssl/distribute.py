@@ -1,0 +1,102 @@
+"""Everything about replicas lives here: the strategy factory, gather-with-gradient, replica offsets, global sums.
+
+Conventions used by every method (METHODS.md, "Shared machinery"):
+
+* Each replica computes the loss terms of its *local* anchors against *gathered* (global) candidates and returns
+  ``sum(local terms) / global_count``. Keras sums gradients over replicas, so the applied gradient is the gradient
+  of the global mean, with no double averaging.
+* :func:`gather` is ``ReplicaContext.all_gather``; TensorFlow's gradient for it all-reduces (sums) the incoming
+  gradient and slices out the local rows, so the gradient of every replica's loss reaches the replica that produced
+  each row. Row ``r * B_local + i`` of a gathered tensor is row ``i`` of replica ``r``.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+
+
+def num_replicas() -> int:
+    """Number of replicas in sync (1 outside any strategy)."""
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def _replica_ctx():
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return None
+    return ctx
+
+
+def replica_id():
+    """This replica's index as an int32 tensor (0 outside a strategy)."""
+    ctx = _replica_ctx()
+    return tf.constant(0, tf.int32) if ctx is None else tf.cast(ctx.replica_id_in_sync_group, tf.int32)
+
+
+def gather(x):
+    """Concatenate ``x`` from all replicas along axis 0 (identity on one replica); differentiable, see module doc."""
+    ctx = _replica_ctx()
+    return x if ctx is None else ctx.all_gather(x, axis=0)
+
+
+def replica_offset(local_batch):
+    """Index of this replica's first row inside a gathered tensor (equal local batches)."""
+    return replica_id() * tf.cast(local_batch, tf.int32)
+
+
+def local_rows(gathered, local_batch):
+    """This replica's rows of a gathered tensor (no gradient issues: a plain slice)."""
+    start = replica_offset(local_batch)
+    return gathered[start:start + local_batch]
+
+
+def global_sum(x):
+    """Sum of ``x`` over replicas (identity on one replica). Use for metrics, never inside the loss."""
+    ctx = _replica_ctx()
+    return x if ctx is None else ctx.all_reduce(tf.distribute.ReduceOp.SUM, x)
+
+
+def global_mean(x):
+    """Mean of ``x`` over replicas."""
+    ctx = _replica_ctx()
+    return x if ctx is None else ctx.all_reduce(tf.distribute.ReduceOp.MEAN, x)
+
+
+def split_cpu(n: int) -> None:
+    """Split the first CPU into ``n`` logical devices (must run before TensorFlow initialises its devices)."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    current = tf.config.get_logical_device_configuration(cpu)
+    if current and len(current) == n:
+        return
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+    except RuntimeError as e:
+        raise RuntimeError(f"distribute.logical_cpus={n} must be set before TensorFlow is initialised ({e}); "
+                           "start a fresh process") from None
+
+
+def make_strategy(cfg):
+    """Build the ``tf.distribute`` strategy named by ``cfg.distribute`` (a :class:`DistributeConfig`)."""
+    name = cfg.strategy
+    if cfg.logical_cpus and cfg.logical_cpus > 1:
+        split_cpu(cfg.logical_cpus)
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices)
+    if name == "multi_worker":
+        if not os.environ.get("TF_CONFIG"):
+            raise RuntimeError("distribute.strategy=multi_worker needs the TF_CONFIG environment variable "
+                               "(cluster and task); see README 'Running on a cluster'")
+        json.loads(os.environ["TF_CONFIG"])
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=cfg.tpu or "")
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(f"distribute.strategy={name!r} is not one of default, mirrored, multi_worker, tpu")

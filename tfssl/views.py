@@ -1,0 +1,194 @@
+"""View recipes (METHODS.md, "Views and augmentation") as Keras preprocessing layers working on whole batches.
+
+Every layer takes float images [B,H,W,C] in [0,1] and draws its random parameters per image, using only TensorFlow
+ops, so the same layer runs in the tf.data pipeline (``augment.on_device: false``) or inside ``train_step`` on the
+accelerator (``augment.on_device: true``) with the same distribution. Torchvision's parameters map as follows:
+RandomResizedCrop → :class:`RandomResizedCrop` (area/aspect sampling then bilinear ``crop_and_resize``; an
+oversized box is clipped rather than re-drawn), ColorJitter → :class:`ColorJitter` (fixed order brightness,
+contrast, saturation, hue instead of torchvision's random order — a documented deviation), RandomGrayscale,
+GaussianBlur (σ uniform, kernel ≈10% of the size), RandomSolarize (threshold 0.5).
+"""
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+
+
+def _per_image(images, p):
+    """Boolean [B,1,1,1] mask, true with probability p per image."""
+    return tf.random.uniform([tf.shape(images)[0], 1, 1, 1]) < p
+
+
+def _gray(images):
+    if images.shape[-1] == 1:
+        return images
+    w = tf.constant([0.299, 0.587, 0.114], images.dtype)
+    return tf.reduce_sum(images * w, axis=-1, keepdims=True)
+
+
+class RandomResizedCrop(keras.layers.Layer):
+    """Crop a random box of area fraction ∈ ``scale`` and aspect ratio ∈ ``ratio`` (log-uniform), resize to ``size``."""
+
+    def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), **kw):
+        super().__init__(**kw)
+        self.size, self.scale, self.ratio = int(size), tuple(scale), tuple(ratio)
+
+    def call(self, images):
+        b = tf.shape(images)[0]
+        area = tf.random.uniform([b], self.scale[0], self.scale[1])
+        log_r = tf.random.uniform([b], math.log(self.ratio[0]), math.log(self.ratio[1]))
+        h = tf.minimum(tf.sqrt(area / tf.exp(log_r)), 1.0)
+        w = tf.minimum(tf.sqrt(area * tf.exp(log_r)), 1.0)
+        y0 = tf.random.uniform([b]) * (1.0 - h)
+        x0 = tf.random.uniform([b]) * (1.0 - w)
+        boxes = tf.stack([y0, x0, y0 + h, x0 + w], axis=1)
+        return tf.image.crop_and_resize(images, boxes, tf.range(b), [self.size, self.size])
+
+
+class RandomFlip(keras.layers.Layer):
+    """Horizontal flip with probability 0.5 per image."""
+
+    def call(self, images):
+        return tf.where(_per_image(images, 0.5), tf.reverse(images, axis=[2]), images)
+
+
+class ColorJitter(keras.layers.Layer):
+    """Brightness, contrast, saturation (factors U(1−s, 1+s)) and hue (shift U(−h, h) turns), applied with prob p."""
+
+    def __init__(self, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8, **kw):
+        super().__init__(**kw)
+        self.brightness, self.contrast, self.saturation, self.hue, self.p = brightness, contrast, saturation, hue, p
+
+    def _factor(self, b, s):
+        return tf.random.uniform([b, 1, 1, 1], 1.0 - s, 1.0 + s)
+
+    def call(self, images):
+        b = tf.shape(images)[0]
+        x = images
+        if self.brightness:
+            x = tf.clip_by_value(x * self._factor(b, self.brightness), 0.0, 1.0)
+        if self.contrast:
+            mean = tf.reduce_mean(_gray(x), axis=[1, 2, 3], keepdims=True)
+            x = tf.clip_by_value((x - mean) * self._factor(b, self.contrast) + mean, 0.0, 1.0)
+        if self.saturation and x.shape[-1] == 3:
+            g = _gray(x)
+            x = tf.clip_by_value((x - g) * self._factor(b, self.saturation) + g, 0.0, 1.0)
+        if self.hue and x.shape[-1] == 3:
+            hsv = tf.image.rgb_to_hsv(x)
+            shift = tf.random.uniform([b, 1, 1], -self.hue, self.hue)
+            hsv = tf.stack([tf.math.floormod(hsv[..., 0] + shift, 1.0), hsv[..., 1], hsv[..., 2]], axis=-1)
+            x = tf.image.hsv_to_rgb(hsv)
+        return tf.where(_per_image(images, self.p), x, images)
+
+
+class RandomGrayscale(keras.layers.Layer):
+    """Replace an image by its luma (kept at C channels) with probability p."""
+
+    def __init__(self, p=0.2, **kw):
+        super().__init__(**kw)
+        self.p = p
+
+    def call(self, images):
+        gray = tf.broadcast_to(_gray(images), tf.shape(images))
+        return tf.where(_per_image(images, self.p), gray, images)
+
+
+class GaussianBlur(keras.layers.Layer):
+    """Separable Gaussian blur, σ ~ U(sigma), kernel ≈ ``kernel_fraction`` of the size (odd), with probability p."""
+
+    def __init__(self, size, sigma=(0.1, 2.0), p=0.5, kernel_fraction=0.1, **kw):
+        super().__init__(**kw)
+        self.k = max(3, int(size * kernel_fraction) // 2 * 2 + 1)
+        self.sigma, self.p = tuple(sigma), p
+
+    def call(self, images):
+        b, c = tf.shape(images)[0], images.shape[-1]
+        sigma = tf.random.uniform([b, 1], self.sigma[0], self.sigma[1])
+        r = tf.cast(tf.range(self.k) - self.k // 2, tf.float32)[None, :]
+        kernel = tf.exp(-0.5 * tf.square(r / sigma))
+        kernel = kernel / tf.reduce_sum(kernel, axis=1, keepdims=True)         # [B,k]
+        kernel = tf.reshape(tf.repeat(kernel, c, axis=0), [-1, self.k])         # [B*C,k]
+        x = tf.transpose(images, [1, 2, 0, 3])                                  # [H,W,B,C]
+        shape = tf.shape(x)
+        x = tf.reshape(x, [1, shape[0], shape[1], -1])                          # [1,H,W,B*C]
+        kx = tf.transpose(kernel)[None, :, :, None]                             # [1,k,B*C,1]
+        ky = tf.transpose(kernel)[:, None, :, None]                             # [k,1,B*C,1]
+        x = tf.nn.depthwise_conv2d(x, kx, [1, 1, 1, 1], "SAME")
+        x = tf.nn.depthwise_conv2d(x, ky, [1, 1, 1, 1], "SAME")
+        x = tf.transpose(tf.reshape(x, shape), [2, 0, 1, 3])
+        return tf.where(_per_image(images, self.p), x, images)
+
+
+class RandomSolarize(keras.layers.Layer):
+    """Invert pixels ≥ 0.5 with probability p."""
+
+    def __init__(self, p=0.2, **kw):
+        super().__init__(**kw)
+        self.p = p
+
+    def call(self, images):
+        return tf.where(_per_image(images, self.p), tf.where(images < 0.5, images, 1.0 - images), images)
+
+
+# Colour strength per preset: Fashion-MNIST is gray, so only brightness/contrast remain; blur only at ImageNet size.
+PRESETS = {
+    "fashion_mnist": dict(jitter=(0.4, 0.4, 0.0, 0.0), strong_jitter=(0.4, 0.4, 0.0, 0.0), blur=False),
+    "cifar": dict(jitter=(0.4, 0.4, 0.4, 0.1), strong_jitter=(0.4, 0.4, 0.4, 0.1), blur=False),
+    "stl10": dict(jitter=(0.4, 0.4, 0.4, 0.1), strong_jitter=(0.8, 0.8, 0.8, 0.2), blur=True),
+    "imagenet": dict(jitter=(0.4, 0.4, 0.4, 0.1), strong_jitter=(0.8, 0.8, 0.8, 0.2), blur=True),
+}
+RECIPES = ("strong", "simclr", "weak", "byol1", "byol2")
+
+
+def view(recipe, preset="cifar", size=32, scale=None):
+    """One view recipe as a ``keras.Sequential``: strong (MoCo v2), simclr, weak (ReSSL teacher), byol1, byol2."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown view recipe {recipe!r}; valid: {', '.join(RECIPES)}")
+    if preset not in PRESETS:
+        raise ValueError(f"augment.preset={preset!r} is not one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    default_scale = (0.08, 1.0) if recipe in ("simclr", "byol1", "byol2") else (0.2, 1.0)
+    ops = [RandomResizedCrop(size, scale or default_scale), RandomFlip()]
+    if recipe != "weak":
+        ops += [ColorJitter(*(p["strong_jitter"] if recipe != "strong" else p["jitter"]), p=0.8),
+                RandomGrayscale(0.2)]
+        blur_p = {"strong": 0.5, "simclr": 0.5, "byol1": 1.0, "byol2": 0.1}[recipe]
+        if p["blur"]:
+            ops.append(GaussianBlur(size, p=blur_p))
+        if recipe == "byol2":
+            ops.append(RandomSolarize(0.2))
+    return keras.Sequential(ops, name=f"view_{recipe}_{size}")
+
+
+class Views(keras.layers.Layer):
+    """Images (uint8 or float in [0,1]) → a tuple of views: the large ``recipes`` then ``small_crops`` small crops.
+
+    Small crops (multi-crop, Caron et al. 2020) use the first recipe at ``small_size`` px with ``small_scale``.
+    ``small_sizes``/``small_scales`` (lists) give each small crop its own size and scale range instead (ReSSL's
+    192/160/128/96 crops with scale (0.2, 1)·size/224).
+    """
+
+    def __init__(self, recipes=("strong", "strong"), preset="cifar", size=32, small_crops=0, small_size=16,
+                 small_scale=(0.05, 0.14), small_sizes=None, small_scales=None, **kw):
+        super().__init__(**kw)
+        self.large = [view(r, preset, size) for r in recipes]
+        sizes = list(small_sizes) if small_sizes else [small_size] * small_crops
+        scales = list(small_scales) if small_scales else [tuple(small_scale)] * len(sizes)
+        self.small = [view(recipes[0], preset, s, scale=tuple(sc)) for s, sc in zip(sizes, scales)]
+
+    @property
+    def count(self):
+        return len(self.large) + len(self.small)
+
+    def call(self, images):
+        if images.dtype == tf.uint8:
+            images = tf.cast(images, tf.float32) / 255.0
+        return tuple(v(images) for v in self.large + self.small)
+
+
+def from_config(augment_cfg, recipes, small_sizes=None, small_scales=None):
+    """Build :class:`Views` for a method's ``recipes`` from an :class:`tfssl.config.AugmentConfig`."""
+    return Views(recipes, augment_cfg.preset, augment_cfg.size, augment_cfg.small_crops, augment_cfg.small_size,
+                 augment_cfg.small_scale, small_sizes=small_sizes, small_scales=small_scales)
