@@ -7,6 +7,7 @@ feature map as a second output (CsMl's multi-level head needs it).
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 from keras import layers
 
 SPECS = {  # block type, blocks per stage, base widths
@@ -24,9 +25,31 @@ def feature_dim(name: str, width: float = 1.0) -> int:
     return int(widths[-1] * width) * (4 if kind == "bottleneck" else 1)
 
 
+@keras.saving.register_keras_serializable(package="tfssl")
+class SyncBatchNormalization(layers.BatchNormalization):
+    """BatchNorm whose batch statistics span all replicas, computed in two passes.
+
+    Keras's ``synchronized=True`` computes var = E[x²] − E[x]² from all-reduced sums, which loses float32 precision
+    when the variance is small next to the mean (small late-stage maps, multi-crop) and so differs from one device's
+    ``tf.nn.moments``. Here the global mean is all-reduced first, then the global sum of squared deviations, so N
+    replicas × B/N give the statistics of one device × B. On one replica it is plain BatchNormalization.
+    """
+
+    def _moments(self, inputs, mask):
+        ctx = tf.distribute.get_replica_context()
+        if mask is not None or ctx is None or ctx.num_replicas_in_sync == 1:
+            return super()._moments(inputs, mask)
+        x = tf.cast(inputs, tf.float32)
+        axes = list(self._reduction_axes)
+        count = ctx.all_reduce("sum", tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), tf.float32))
+        mean = ctx.all_reduce("sum", tf.reduce_sum(x, axis=axes, keepdims=True)) / count
+        variance = ctx.all_reduce("sum", tf.reduce_sum(tf.square(x - mean), axis=axes, keepdims=True)) / count
+        return (tf.cast(tf.squeeze(mean, axes), inputs.dtype), tf.cast(tf.squeeze(variance, axes), inputs.dtype))
+
+
 def _bn(sync, name, zero=False):
-    return layers.BatchNormalization(momentum=0.9, epsilon=1e-5, synchronized=sync, name=name,
-                                     gamma_initializer="zeros" if zero else "ones")
+    cls = SyncBatchNormalization if sync else layers.BatchNormalization
+    return cls(momentum=0.9, epsilon=1e-5, name=name, gamma_initializer="zeros" if zero else "ones")
 
 
 def _conv(filters, k, stride, name):

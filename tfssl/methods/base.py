@@ -63,6 +63,7 @@ class SSLMethod(keras.Model):
                                             trainable=False, name="momentum")
         self.trackers = {n: keras.metrics.Mean(name=n) for n in
                          ("loss", "probe_loss", "probe_acc", "z_std") + tuple(self.metric_names)}
+        self.built = True  # every variable exists now; Keras must not trace call() on view dicts to build
 
     # ----------------------------------------------------------------- pieces methods use
     def make_projector(self, name):
@@ -168,16 +169,19 @@ class SSLMethod(keras.Model):
             views = self.views(images)
         return views, labels
 
-    def train_step(self, data):
-        views, labels = self._unpack(data)
-        teacher = {}
-        if self.uses_teacher:
-            self.update_teacher()
-            teacher = self.teacher_outputs(views)
+    def loss_and_gradients(self, views):
+        """(loss share, outputs, gradients of the student variables) for one step, without changing any state."""
+        teacher = self.teacher_outputs(views) if self.uses_teacher else {}
         with tf.GradientTape() as tape:
             loss, out = self.student_loss(views, teacher)
-        variables = self.student_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return loss, out, tape.gradient(loss, self.student_variables)
+
+    def train_step(self, data):
+        views, labels = self._unpack(data)
+        if self.uses_teacher:
+            self.update_teacher()
+        loss, out, grads = self.loss_and_gradients(views)
+        self.optimizer.apply_gradients(zip(grads, self.student_variables))
         for queue, ptr, keys in out.get("enqueue", ()):
             self.enqueue(queue, ptr, keys)
         self.trackers["loss"].update_state(distribute.global_sum(loss))

@@ -46,10 +46,10 @@ class MoCoV2(SSLMethod):
         tau = self.params.temperature
         features, q1 = self.student_embed(views[0])
         terms = [info_nce_terms(q1, teacher["k2"], self.queue, tau)]
-        keys = teacher["k2"]
-        if self.params.symmetric:
+        enqueue = [(self.queue, self.queue_ptr, teacher["k2"])]
+        if self.params.symmetric:  # enqueued one key set at a time: global order must not depend on replicas
             _, q2 = self.student_embed(views[1])
             terms.append(info_nce_terms(q2, teacher["k1"], self.queue, tau))
-            keys = tf.concat([teacher["k2"], teacher["k1"]], axis=0)
+            enqueue.append((self.queue, self.queue_ptr, teacher["k1"]))
         loss = tf.add_n([tf.reduce_sum(t) for t in terms]) / (self.global_batch(q1) * len(terms))
-        return loss, {"features": features, "z": q1, "enqueue": [(self.queue, self.queue_ptr, keys)]}
+        return loss, {"features": features, "z": q1, "enqueue": enqueue}

@@ -1,0 +1,33 @@
+"""Test setup: the CPU is split into 2 logical devices before TensorFlow starts, so any test can build a
+MirroredStrategy over two replicas (the default strategy keeps using /cpu:0)."""
+import os
+import sys
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tfssl import config as tfssl_config  # noqa: E402
+from tfssl.distribute import split_cpu  # noqa: E402
+
+split_cpu(2)
+
+
+@pytest.fixture(scope="session")
+def mirrored():
+    """The 2-replica MirroredStrategy on the two logical CPUs, one per process: a second strategy over the same
+    devices restarts collective instance keys and collides with the first one's cached collectives."""
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+def tiny_config(method, **method_params):
+    """A recipe with the tiny ResNet and a small projector, for fast tests."""
+    return tfssl_config.from_dict({
+        "method": {"name": method, **method_params},
+        "model": {"backbone": "tiny", "projector_hidden": 32, "projector_dim": 16, "sync_bn": True},
+        "augment": {"preset": "fashion_mnist", "size": 32},
+        "data": {"image_size": 32},
+    })

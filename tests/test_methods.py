@@ -1,0 +1,154 @@
+"""Every method: one step on 2 replicas × B/2 equals one step on 1 replica × B (loss, gradients, weights, teacher,
+queue), EMA and momentum schedule, and the step runs under model.fit with a Keras callback."""
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import tiny_config
+from tfssl import methods
+from tfssl.optim import SGD
+
+B = 8
+CASES = [("ressl", dict(queue_size=32)), ("ressl", dict(queue_size=32, crop_sizes=[16, 24])),
+         ("simclr", dict(temperature=0.5)), ("mocov2", dict(queue_size=32)),
+         ("mocov2", dict(queue_size=32, symmetric=True))]
+
+
+def _views(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    sizes = [32, 32] + list(getattr(cfg.method, "crop_sizes", []))
+    views = tuple(rng.uniform(0, 1, (B, s, s, 3)).astype("float32") for s in sizes)
+    return views, rng.integers(0, 10, B).astype("int32")
+
+
+def _build(cfg, strategy, weights=None):
+    with strategy.scope():
+        model = methods.build(cfg, num_classes=10, total_steps=10)
+        model.compile(SGD(0.1, momentum=0.9, weight_decay=5e-4), probe_optimizer=SGD(0.1, momentum=0.9))
+        if weights is not None:
+            model.set_weights(weights)
+    return model
+
+
+def _grads(model, strategy, views):
+    """Global loss and summed gradients, each replica fed its contiguous half of the batch."""
+    n = strategy.num_replicas_in_sync
+
+    def local(ctx):
+        i, b = ctx.replica_id_in_sync_group, B // n
+        return tuple(v[i * b:(i + 1) * b] for v in views)
+    per_replica = strategy.experimental_distribute_values_from_function(local)
+
+    @tf.function
+    def run(v):
+        def fn(v):
+            loss, _, grads = model.loss_and_gradients(v)
+            ctx = tf.distribute.get_replica_context()
+            return ctx.all_reduce("sum", loss), ctx.all_reduce("sum", grads)
+        return strategy.run(fn, args=(v,))
+    loss, grads = run(per_replica)
+    first = lambda x: strategy.experimental_local_results(x)[0].numpy()
+    return first(loss), [first(g) for g in grads]
+
+
+@pytest.mark.parametrize("name,params", CASES, ids=lambda x: str(x))
+def test_two_replicas_equal_one(name, params, mirrored):
+    keras.utils.set_random_seed(0)
+    cfg = tiny_config(name, **params)
+    views, labels = _views(cfg)
+    one = _build(cfg, tf.distribute.get_strategy())
+    two = _build(cfg, mirrored, one.get_weights())
+
+    loss1, g1 = _grads(one, tf.distribute.get_strategy(), views)
+    loss2, g2 = _grads(two, mirrored, views)
+    assert np.isfinite(loss1) and abs(loss1 - loss2) < 1e-5
+    assert max(np.max(np.abs(a)) for a in g1) > 0
+    for a, b in zip(g1, g2):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+    # one optimizer step: every weight (student, teacher incl. BN statistics, probe, queue) equal to 1e-5
+    step = lambda v, l: tf.data.Dataset.from_tensors({"views": v, "label": l})
+    h1 = one.fit(step(views, labels), epochs=1, verbose=0).history
+    h2 = two.fit(step(views, labels), epochs=1, verbose=0).history
+    for key in ("loss", "probe_loss", "probe_acc"):
+        np.testing.assert_allclose(h1[key], h2[key], atol=1e-5)
+    _assert_same_weights(one, two, atol=1e-5)
+    # a second step on another batch: queue order (global batch order, wrap-around) and pointer still equal;
+    # weights within 1e-4 (float32 rounding of step 1 is amplified by step 2's sharp softmaxes)
+    views2, labels2 = _views(cfg, seed=1)
+    one.fit(step(views2, labels2), epochs=1, verbose=0)
+    two.fit(step(views2, labels2), epochs=1, verbose=0)
+    _assert_same_weights(one, two, atol=1e-4)
+    if one.uses_teacher:
+        rows = 2 * B * (2 if getattr(cfg.method, "symmetric", False) else 1)
+        assert int(two.queue_ptr.numpy()) == int(one.queue_ptr.numpy()) == rows % cfg.method.queue_size
+        for values in mirrored.experimental_local_results(two.queue):  # every replica holds the same queue
+            np.testing.assert_allclose(values.numpy(), one.queue.numpy(), atol=1e-4)
+
+
+def _assert_same_weights(one, two, atol):
+    for w1, w2, var in zip(one.get_weights(), two.get_weights(), one.weights):
+        np.testing.assert_allclose(w1, w2, atol=atol, rtol=10 * atol, err_msg=var.path)
+
+
+@pytest.mark.parametrize("name", ["ressl", "mocov2"])
+def test_ema_update_matches_manual(name):
+    cfg = tiny_config(name, queue_size=32)
+    model = _build(cfg, tf.distribute.get_strategy())
+    for t, s in model.teacher_pairs:  # make student and teacher differ
+        s.assign(s + tf.random.normal(s.shape, stddev=0.1))
+    before_t = [t.numpy() for t, _ in model.teacher_pairs]
+    student = [s.numpy() for _, s in model.teacher_pairs]
+    moving = [v.numpy() for v in model.teacher_backbone.non_trainable_weights]
+    model.update_teacher(0.9)
+    for (t, _), t0, s0 in zip(model.teacher_pairs, before_t, student):
+        np.testing.assert_allclose(t.numpy(), 0.9 * t0 + 0.1 * s0, rtol=1e-6, atol=1e-7)
+    for v, v0 in zip(model.teacher_backbone.non_trainable_weights, moving):  # BN statistics are not averaged
+        np.testing.assert_array_equal(v.numpy(), v0)
+
+
+def test_cosine_momentum_schedule():
+    cfg = tiny_config("ressl", queue_size=32, momentum=0.99, momentum_schedule="cosine")
+    model = _build(cfg, tf.distribute.get_strategy())
+    for k in (0, 3, 5, 10, 20):
+        kk = min(k, 10)
+        expected = 1 - (1 - 0.99) * (math.cos(math.pi * kk / 10) + 1) / 2
+        assert abs(float(model.momentum_at(k)) - expected) < 1e-6
+    constant = _build(tiny_config("ressl", queue_size=32, momentum=0.99), tf.distribute.get_strategy())
+    assert abs(float(constant.momentum_at(7)) - 0.99) < 1e-7
+
+
+def test_queue_enqueue_order_and_wrap():
+    model = _build(tiny_config("mocov2", queue_size=12), tf.distribute.get_strategy())
+    keys = [tf.math.l2_normalize(tf.random.normal((8, 16)), axis=1) for _ in range(2)]
+    model.enqueue(model.queue, model.queue_ptr, keys[0])
+    model.enqueue(model.queue, model.queue_ptr, keys[1])
+    q = model.queue.numpy()
+    np.testing.assert_allclose(q[8:12], keys[1][:4].numpy())   # second batch fills 8..11 then wraps to 0..3
+    np.testing.assert_allclose(q[0:4], keys[1][4:].numpy())
+    np.testing.assert_allclose(q[4:8], keys[0][4:].numpy())
+    assert int(model.queue_ptr.numpy()) == 4
+
+
+class _Count(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+
+
+def test_fit_with_on_device_views_and_callback():
+    cfg = tiny_config("ressl", queue_size=32)
+    with tf.distribute.get_strategy().scope():
+        model = methods.build(cfg, num_classes=10, total_steps=3, on_device_views=methods.views_for(cfg))
+        model.compile(SGD(0.05))
+    images = np.random.default_rng(0).integers(0, 255, (24, 32, 32, 3)).astype("uint8")
+    ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": np.arange(24) % 10}).batch(8)
+    count = _Count()
+    hist = model.fit(ds, epochs=1, callbacks=[count], verbose=0).history
+    assert count.batches == 3 and np.isfinite(hist["loss"][0])
