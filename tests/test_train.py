@@ -1,0 +1,75 @@
+"""End to end: each Fashion-MNIST recipe trains briefly and writes checkpoint, TensorBoard events, summary.json;
+the CLI's preview, eval knn and error paths."""
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tfssl import cli, config
+from tfssl.train import pretrain
+
+QUICK = ["data.limit=384", "data.test_limit=256", "train.epochs=1", "train.batch_size=64", "train.verbose=0",
+         "train.jit_compile=false", "model.projector_hidden=64", "eval.knn_train_limit=384"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["ressl_fashion_mnist", "simclr_fashion_mnist", "mocov2_fashion_mnist"])
+def test_recipe_short_run(recipe, tmp_path):
+    cfg = config.load(recipe, QUICK + (["method.queue_size=512"] if "simclr" not in recipe else []))
+    summary = pretrain(cfg, str(tmp_path), log=lambda *_: None)
+    assert np.isfinite(summary["final_loss"])
+    assert summary["steps"] == 384 // 64 and summary["epochs"] == 1 and summary["replicas"] == 1
+    for key in ("knn_top1", "probe_top1", "images_per_second", "wall_seconds"):
+        assert summary[key] is not None and summary[key] >= 0
+    assert 0.1 < summary["knn_top1"] <= 1.0          # a tiny random-ish net on Fashion-MNIST beats chance (10%)
+    on_disk = json.load(open(tmp_path / "summary.json"))
+    assert on_disk["knn_top1"] == summary["knn_top1"]
+    assert os.path.getsize(tmp_path / "checkpoints" / "last.weights.h5") > 0
+    assert not glob.glob(str(tmp_path / "checkpoints" / ".tmp*"))
+    assert glob.glob(str(tmp_path / "tensorboard" / "**" / "events.out.tfevents*"), recursive=True)
+    assert config.load(str(tmp_path / "config.yaml")).to_dict() == cfg.to_dict()
+
+
+@pytest.mark.slow
+def test_cli_pretrain_then_eval_knn_on_two_replicas(tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    sets = sum((["--set", s] for s in QUICK + ["method.queue_size=512", "distribute.strategy=mirrored"]), [])
+    assert cli.main(["pretrain", "--workdir", workdir] + sets) == 0
+    out = capsys.readouterr().out
+    assert "kNN top-1" in out and "online probe" in out
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    assert summary["replicas"] == 2 and summary["strategy"] == "MirroredStrategy"
+    assert cli.main(["eval", "knn", "--workdir", workdir, "--set", "data.limit=384",
+                     "--set", "data.test_limit=256"]) == 0
+    again = json.load(open(os.path.join(workdir, "summary.json")))
+    assert 0 <= again["knn"]["top1"] <= again["knn"]["top5"] <= 1
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, capsys):
+    assert cli.main(["pretrain", "--workdir", str(tmp_path), "--set", "train.epoch=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'train.epoch'" in err and "did you mean 'epochs'" in err
+    assert cli.main(["pretrain", "no_such_recipe", "--workdir", str(tmp_path)]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert cli.main(["pretrain", "--workdir", str(tmp_path), "--set", "data.path=" + str(tmp_path / "nope"),
+                     "--set", "data.name=folder"]) == 2
+    assert "image folder not found" in capsys.readouterr().err
+    assert cli.main(["pretrain", "--workdir", str(tmp_path), "--set", "data.limit=10"]) == 2
+    assert "larger than the 10 training images" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="issue #7"):
+        cli.main(["export", "--workdir", str(tmp_path), "--out", str(tmp_path / "x")])
+
+
+def test_preview_writes_a_real_png(tmp_path):
+    out = str(tmp_path / "grid.png")
+    assert cli.main(["preview", "ressl_fashion_mnist", "--out", out, "--count", "4"]) == 0
+    with Image.open(out) as im:
+        im.load()
+        assert im.format == "PNG" and im.size == (3 * 64 + 2 * 4, 4 * 64)
+        pixels = np.asarray(im.convert("L"), dtype=np.float32)
+    assert pixels.std() > 10                                  # not a blank canvas
+    original, view = pixels[:, :64], pixels[:, 68:132]
+    assert np.abs(original - view).mean() > 1                 # views differ from the originals

@@ -1,0 +1,5 @@
+import sys
+
+from tfssl.cli import main
+
+sys.exit(main())

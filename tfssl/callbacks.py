@@ -1,0 +1,98 @@
+"""Keras callbacks of the pretraining job: kNN monitor, atomic checkpoints, throughput timer, non-finite guard."""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import keras
+import numpy as np
+
+from tfssl.eval.knn import embed, knn_accuracy
+
+
+class Throughput(keras.callbacks.Callback):
+    """Measures training time only (put it first: later callbacks' evaluation time is not counted)."""
+
+    def __init__(self, batch_size):
+        super().__init__()
+        self.batch_size, self.seconds, self.steps = batch_size, 0.0, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds += time.perf_counter() - self._t0
+        if logs is not None:
+            logs["images_per_second"] = self.images_per_second
+
+    @property
+    def images_per_second(self):
+        return self.steps * self.batch_size / self.seconds if self.seconds else 0.0
+
+
+class KNNMonitor(keras.callbacks.Callback):
+    """Weighted kNN (k, τ) of the backbone's features: bank = training images, queries = the held-out split.
+
+    Runs every ``every`` epochs (0: only after the last) and adds ``knn_top1``/``knn_top5`` to the epoch logs, so
+    TensorBoard and the history record them.
+    """
+
+    def __init__(self, bank_ds, test_ds, num_classes, k=200, temperature=0.1, every=1, epochs=1):
+        super().__init__()
+        self.bank_ds, self.test_ds, self.num_classes = bank_ds, test_ds, num_classes
+        self.k, self.temperature, self.every, self.epochs = k, temperature, every, epochs
+        self.last = {}
+
+    def evaluate(self):
+        bank, bank_y = embed(self.model.backbone, self.bank_ds)
+        test, test_y = embed(self.model.backbone, self.test_ds)
+        keep = bank_y >= 0
+        self.last = knn_accuracy(bank[keep], bank_y[keep], test, test_y, self.num_classes, self.k, self.temperature)
+        return self.last
+
+    def on_epoch_end(self, epoch, logs=None):
+        final = epoch + 1 == self.epochs
+        if final or (self.every and (epoch + 1) % self.every == 0):
+            result = self.evaluate()
+            if logs is not None:
+                logs["knn_top1"], logs["knn_top5"] = result["top1"], result["top5"]
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """Saves all weights (student, teacher, queues, probe) each epoch to ``dir/last.weights.h5`` via temp + rename."""
+
+    def __init__(self, directory):
+        super().__init__()
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+
+    @property
+    def path(self):
+        return os.path.join(self.directory, "last.weights.h5")
+
+    def on_epoch_end(self, epoch, logs=None):
+        tmp = os.path.join(self.directory, f".tmp-epoch{epoch + 1}.weights.h5")
+        self.model.save_weights(tmp)
+        os.replace(tmp, self.path)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/Inf loss."""
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Raises :class:`NonFiniteLoss` naming the epoch and step as soon as the loss is NaN or infinite."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(np.asarray(loss))):
+            raise NonFiniteLoss(f"loss became {float(np.asarray(loss))} at epoch {self._epoch + 1}, step {batch + 1};"
+                                " lower train.lr, check the data, or raise the temperatures; the last checkpoint of a"
+                                " finished epoch is kept")

@@ -1,0 +1,109 @@
+"""The pretraining job: config → strategy → data → views → method → ``model.fit`` → kNN/probe → summary.json.
+
+Everything the job writes lives in ``workdir``: ``config.yaml`` (resolved recipe), ``checkpoints/last.weights.h5``
+(every epoch, atomic), ``tensorboard/`` (losses, lr, momentum, probe, kNN, z_std) and ``summary.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfssl import __version__, callbacks, config, data, distribute, methods
+from tfssl.eval.knn import embed
+from tfssl.optim import SGD, build_optimizer
+
+
+def write_json(path, obj):
+    """Write JSON via a temp file and rename (no half-written summaries)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=float)
+    os.replace(tmp, path)
+
+
+def update_summary(workdir, **entries):
+    """Merge ``entries`` into ``workdir/summary.json`` (created if missing)."""
+    path = os.path.join(workdir, "summary.json")
+    summary = json.load(open(path)) if os.path.exists(path) else {}
+    summary.update(entries)
+    write_json(path, summary)
+    return summary
+
+
+def plan_steps(cfg, num_train):
+    """steps per epoch: ``train.steps_per_epoch`` or one pass over the (limited) training set."""
+    steps = cfg.train.steps_per_epoch or num_train // cfg.train.batch_size
+    if steps < 1:
+        raise config.ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the {num_train} training "
+                                 f"images; lower train.batch_size or raise data.limit")
+    return steps
+
+
+def pretrain(cfg: config.Config, workdir: str, log=print):
+    """Run the pretraining described by ``cfg`` and return the summary dict (also written to summary.json)."""
+    os.makedirs(workdir, exist_ok=True)
+    keras.utils.set_random_seed(cfg.train.seed)
+    strategy = distribute.make_strategy(cfg.distribute)
+    replicas = strategy.num_replicas_in_sync
+    if cfg.train.batch_size % replicas:
+        raise config.ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the {replicas} "
+                                 f"replicas")
+    config.dump(cfg, os.path.join(workdir, "config.yaml"))
+    source = data.load_source(cfg.data)
+    steps = plan_steps(cfg, source.num_train)
+    total = steps * cfg.train.epochs
+    log(f"tfssl {__version__}: {type(cfg.method).method_name} on {source.name} ({source.num_train} train / "
+        f"{source.num_test} held-out images, {source.skipped_corrupt} corrupt skipped), backbone "
+        f"{cfg.model.backbone}, {cfg.train.epochs} epochs × {steps} steps, batch {cfg.train.batch_size} on "
+        f"{replicas} replica(s) [{type(strategy).__name__}]")
+
+    views = methods.views_for(cfg)
+    pipeline = data.train_pipeline(source.train, cfg.train.batch_size, None if cfg.augment.on_device else views,
+                                   seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+    with strategy.scope():
+        model = methods.build(cfg, source.num_classes, source.mean, source.std, total,
+                              on_device_views=views if cfg.augment.on_device else None)
+        model.compile(build_optimizer(cfg.train, total, steps),
+                      probe_optimizer=SGD(cfg.train.probe_lr, momentum=0.9, name="probe_sgd"),
+                      jit_compile=cfg.train.jit_compile)
+
+    timer = callbacks.Throughput(cfg.train.batch_size)
+    cbs = [timer, callbacks.StopOnNonFinite()]
+    knn = None
+    if source.test is not None and source.num_classes:
+        bank = source.train.take(cfg.eval.knn_train_limit) if cfg.eval.knn_train_limit else source.train
+        knn = callbacks.KNNMonitor(data.eval_pipeline(bank, 256), data.eval_pipeline(source.test, 256),
+                                   source.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature,
+                                   cfg.train.knn_every, cfg.train.epochs)
+        cbs.append(knn)
+    checkpoint = callbacks.AtomicCheckpoint(os.path.join(workdir, "checkpoints"))
+    cbs += [checkpoint, keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard"), write_graph=False)]
+
+    start = time.perf_counter()
+    history = model.fit(pipeline, epochs=cfg.train.epochs, steps_per_epoch=steps, callbacks=cbs,
+                        verbose=cfg.train.verbose, shuffle=False)
+    wall = time.perf_counter() - start
+
+    figures = {k: float(v[-1]) for k, v in history.history.items()}
+    if source.test is not None and model.probe is not None:
+        feats, labels = embed(model.backbone, data.eval_pipeline(source.test, 256))
+        figures["probe_top1"] = float(np.mean(np.argmax(model.probe(feats).numpy(), 1) == labels))
+    if knn is not None and knn.last:
+        figures["knn_top1"], figures["knn_top5"] = knn.last["top1"], knn.last["top5"]
+    summary = update_summary(
+        workdir, method=type(cfg.method).method_name, dataset=source.name, backbone=cfg.model.backbone,
+        strategy=type(strategy).__name__, replicas=replicas, epochs=cfg.train.epochs, steps=total,
+        steps_per_epoch=steps, batch_size=cfg.train.batch_size, num_train=source.num_train,
+        skipped_corrupt=source.skipped_corrupt, images_per_second=timer.images_per_second, wall_seconds=wall,
+        knn_top1=figures.get("knn_top1"), knn_top5=figures.get("knn_top5"), probe_top1=figures.get("probe_top1"),
+        probe_train_top1=figures.get("probe_acc"), final_loss=figures.get("loss"),
+        history={k: [float(x) for x in v] for k, v in history.history.items()},
+        checkpoint=checkpoint.path, versions={"tfssl": __version__, "tensorflow": tf.__version__,
+                                              "keras": keras.__version__, "python": platform.python_version()})
+    return summary
