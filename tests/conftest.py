@@ -11,16 +11,15 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfssl import config as tfssl_config  # noqa: E402
-from tfssl.distribute import split_cpu  # noqa: E402
+from tfssl.distribute import mirrored as mirrored_strategy, split_cpu  # noqa: E402
 
 split_cpu(2)
 
 
 @pytest.fixture(scope="session")
 def mirrored():
-    """The 2-replica MirroredStrategy on the two logical CPUs, one per process: a second strategy over the same
-    devices restarts collective instance keys and collides with the first one's cached collectives."""
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    """The 2-replica MirroredStrategy on the two logical CPUs (the same object `distribute.strategy=mirrored` gets)."""
+    return mirrored_strategy([d.name for d in tf.config.list_logical_devices("CPU")])
 
 
 def tiny_config(method, **method_params):

@@ -145,6 +145,11 @@ def _coerce(where: str, value: Any, typ) -> Any:
         return [_coerce(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):   # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if typ is bool and not isinstance(value, bool):
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if typ in (int, float, str) and (not isinstance(value, typ) or isinstance(value, bool) and typ is not bool):
@@ -200,7 +205,8 @@ def apply_overrides(raw: Dict[str, Any], overrides: List[str], source: str = "--
             raise ConfigError(f"{source} {item!r}: expected section.key=value, e.g. train.epochs=5")
         path, value = item.split("=", 1)
         section, key = path.split(".", 1)
-        raw.setdefault(section, {})
+        if raw.get(section) is None:      # absent, or an empty YAML section
+            raw[section] = {}
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{source} {item!r}: '{section}' is not a section")
         raw[section][key] = _parse_scalar(value)

@@ -119,8 +119,8 @@ def _fashion_mnist(cfg):
 
 
 def _tfds(name, cfg):
-    import tensorflow_datasets as tfds
     try:
+        import tensorflow_datasets as tfds
         builder = tfds.builder(name, data_dir=cfg.data_dir)
         if cfg.download:
             builder.download_and_prepare()
@@ -128,11 +128,11 @@ def _tfds(name, cfg):
         test_split = "test" if "test" in splits else ("validation" if "validation" in splits else None)
         train = builder.as_dataset(split="train", shuffle_files=False)
         test = builder.as_dataset(split=test_split) if test_split else None
+        n_train, n_test = splits["train"].num_examples, splits[test_split].num_examples if test_split else 0
     except Exception as e:  # TFDS raises many types for a missing dataset
         raise DataError(f"TFDS dataset {name!r} is not available in data_dir={cfg.data_dir or '~/tensorflow_datasets'}"
-                        f" ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Fix: prepare it with "
+                        f" ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}). Fix: prepare it with "
                         f"`tfds build {name}` on a machine with internet, or set data.download=true") from None
-    n_train, n_test = splits["train"].num_examples, splits[test_split].num_examples if test_split else 0
     if cfg.limit:
         train, n_train = train.take(cfg.limit), min(n_train, cfg.limit)
     if test is not None and cfg.test_limit:

@@ -77,6 +77,18 @@ def split_cpu(n: int) -> None:
                            "start a fresh process") from None
 
 
+_MIRRORED = {}
+
+
+def mirrored(devices):
+    """One MirroredStrategy per device set and process: a second strategy over the same devices restarts the
+    collective instance keys and collides with the first one's cached collectives (seen as shape mismatches)."""
+    key = tuple(devices)
+    if key not in _MIRRORED:
+        _MIRRORED[key] = tf.distribute.MirroredStrategy(list(devices))
+    return _MIRRORED[key]
+
+
 def make_strategy(cfg):
     """Build the ``tf.distribute`` strategy named by ``cfg.distribute`` (a :class:`DistributeConfig`)."""
     name = cfg.strategy
@@ -86,8 +98,7 @@ def make_strategy(cfg):
         return tf.distribute.get_strategy()
     if name == "mirrored":
         gpus = tf.config.list_logical_devices("GPU")
-        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices)
+        return mirrored([d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")])
     if name == "multi_worker":
         if not os.environ.get("TF_CONFIG"):
             raise RuntimeError("distribute.strategy=multi_worker needs the TF_CONFIG environment variable "

@@ -16,6 +16,7 @@ def _excluded(variable):
     return len(variable.shape) <= 1
 
 
+@keras.saving.register_keras_serializable(package="tfssl")
 class SGD(keras.optimizers.Optimizer):
     """v ← μ·v + g + wd·θ; θ ← θ − lr·v (or Nesterov). ``weight_decay`` skips rank-≤1 variables."""
 
@@ -47,6 +48,7 @@ class SGD(keras.optimizers.Optimizer):
         return {**super().get_config(), "momentum": self.momentum, "weight_decay": self.l2, "nesterov": self.nesterov}
 
 
+@keras.saving.register_keras_serializable(package="tfssl")
 class LARS(SGD):
     """LARS (You et al. 2017): the decayed gradient is scaled by η·‖θ‖/‖g + wd·θ‖ before momentum (rank>1 only)."""
 
@@ -67,6 +69,7 @@ class LARS(SGD):
         return {**super().get_config(), "trust_coefficient": self.trust_coefficient}
 
 
+@keras.saving.register_keras_serializable(package="tfssl")
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warm-up from 0 to ``base`` over ``warmup_steps``, then cosine decay to ``final`` at ``total_steps``."""
 

@@ -113,10 +113,12 @@ class GaussianBlur(keras.layers.Layer):
         x = tf.transpose(images, [1, 2, 0, 3])                                  # [H,W,B,C]
         shape = tf.shape(x)
         x = tf.reshape(x, [1, shape[0], shape[1], -1])                          # [1,H,W,B*C]
+        r = self.k // 2                                                         # reflect, as torchvision does
+        x = tf.pad(x, [[0, 0], [r, r], [r, r], [0, 0]], "SYMMETRIC")
         kx = tf.transpose(kernel)[None, :, :, None]                             # [1,k,B*C,1]
         ky = tf.transpose(kernel)[:, None, :, None]                             # [k,1,B*C,1]
-        x = tf.nn.depthwise_conv2d(x, kx, [1, 1, 1, 1], "SAME")
-        x = tf.nn.depthwise_conv2d(x, ky, [1, 1, 1, 1], "SAME")
+        x = tf.nn.depthwise_conv2d(x, kx, [1, 1, 1, 1], "VALID")
+        x = tf.nn.depthwise_conv2d(x, ky, [1, 1, 1, 1], "VALID")
         x = tf.transpose(tf.reshape(x, shape), [2, 0, 1, 3])
         return tf.where(_per_image(images, self.p), x, images)
 

@@ -12,9 +12,10 @@ import tensorflow as tf
 
 def embed(backbone, dataset):
     """(features [N,D] float32, labels [N]) of a dataset of (images in [0,1], labels) batches, inference mode."""
+    forward = tf.function(lambda x: backbone(x, training=False), reduce_retracing=True)
     feats, labels = [], []
     for images, y in dataset:
-        feats.append(backbone(images, training=False).numpy())
+        feats.append(forward(images).numpy())
         labels.append(np.asarray(y))
     return np.concatenate(feats).astype("float32"), np.concatenate(labels)
 

@@ -146,6 +146,9 @@ class SSLMethod(keras.Model):
     def compile(self, optimizer="sgd", probe_optimizer=None, **kw):
         """Compile with the student's optimizer and (optional) probe optimizer; builds both on their variables."""
         super().compile(optimizer=optimizer, **kw)
+        if getattr(self.optimizer, "weight_decay", None) and not isinstance(self.optimizer, SGD):
+            # Keras optimizers (e.g. Lamb) decay every variable: exempt BN parameters and biases, as tfssl's own do
+            self.optimizer.exclude_from_weight_decay(var_list=[v for v in self.student_variables if len(v.shape) <= 1])
         self.optimizer.build(self.student_variables)
         self.probe_optimizer = probe_optimizer or SGD(0.1, momentum=0.9, name="probe_sgd")
         if self.probe is not None:
