@@ -1,0 +1,70 @@
+"""Backbones: feature sizes, CIFAR vs ImageNet stem, width multiplier, stage-3 output, synchronized BN, heads."""
+import numpy as np
+import pytest
+
+from tfssl.backbones import SyncBatchNormalization, build_backbone, build_mlp, feature_dim
+
+
+@pytest.mark.parametrize("name,dim", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048), ("tiny", 64)])
+def test_pooled_feature_size(name, dim):
+    assert feature_dim(name) == dim
+    model = build_backbone(name, cifar_stem=True)
+    assert model(np.zeros((2, 32, 32, 3), "float32")).shape == (2, dim)
+
+
+def test_stems_and_stage3_map():
+    cifar = build_backbone("resnet18", cifar_stem=True, with_stage3=True)
+    pooled, stage3 = cifar(np.zeros((1, 32, 32, 3), "float32"))
+    assert pooled.shape == (1, 512) and stage3.shape == (1, 8, 8, 256)        # strides 1,2,2 at stages 1-3
+    imagenet = build_backbone("resnet50", cifar_stem=False, with_stage3=True)
+    _, stage3 = imagenet(np.zeros((1, 224, 224, 3), "float32"))
+    assert stage3.shape == (1, 14, 14, 1024)                                   # the map CsMl's head reads
+
+
+def test_width_multiplier_and_channels():
+    model = build_backbone("resnet18", width=0.5, channels=1)
+    assert model(np.zeros((1, 28, 28, 1), "float32")).shape == (1, feature_dim("resnet18", 0.5)) == (1, 256)
+    assert model.count_params() < build_backbone("resnet18").count_params() / 3
+
+
+def test_sync_bn_option_and_normalisation_inside():
+    sync = build_backbone("tiny", sync_bn=True)
+    plain = build_backbone("tiny", sync_bn=False)
+    assert any(isinstance(l, SyncBatchNormalization) for l in sync.layers)
+    assert not any(isinstance(l, SyncBatchNormalization) for l in plain.layers)
+    norm = build_backbone("tiny", mean=(0.2,) * 3, std=(0.5,) * 3).get_layer("normalize")
+    out = norm(np.full((1, 2, 2, 3), 0.7, "float32")).numpy()
+    np.testing.assert_allclose(out, 1.0, rtol=1e-5)                            # (0.7 − 0.2) / 0.5
+
+
+def test_sync_bn_on_one_replica_equals_keras_bn():
+    x = np.random.default_rng(0).normal(2.0, 0.01, (16, 4, 4, 3)).astype("float32")
+    a, b = SyncBatchNormalization(), __import__("keras").layers.BatchNormalization()
+    np.testing.assert_allclose(a(x, training=True), b(x, training=True), atol=1e-5)
+
+
+def test_mlp_head_layout():
+    head = build_mlp([32, 8], batch_norm=True)
+    head.build((None, 16))
+    kinds = [type(l).__name__ for l in head.layers]
+    assert kinds == ["Dense", "BatchNormalization", "ReLU", "Dense"]
+    assert not head.layers[0].use_bias and head.layers[-1].use_bias
+    assert head(np.zeros((3, 16), "float32")).shape == (3, 8)
+
+
+def test_sync_bn_two_replicas_equal_one_when_variance_is_small(mirrored):
+    """Mean 3, std 0.003: E[x²]−E[x]² in float32 loses most digits; the two-pass statistics must not."""
+    import tensorflow as tf
+    x = np.random.default_rng(1).normal(3.0, 0.003, (8, 2, 2, 4)).astype("float32")
+    expected = tf.nn.moments(tf.constant(x, tf.float64), [0, 1, 2])
+    with mirrored.scope():
+        layer = SyncBatchNormalization()
+        layer.build(x.shape)
+
+    halves = mirrored.experimental_distribute_values_from_function(
+        lambda ctx: x[ctx.replica_id_in_sync_group * 4:(ctx.replica_id_in_sync_group + 1) * 4])
+    moments = mirrored.run(tf.function(lambda v: layer._moments(v, None)), args=(halves,))
+    for replica in range(2):
+        mean, var = (mirrored.experimental_local_results(m)[replica].numpy() for m in moments)
+        np.testing.assert_allclose(mean, expected[0].numpy(), rtol=1e-6)
+        np.testing.assert_allclose(var, expected[1].numpy(), rtol=1e-3)
