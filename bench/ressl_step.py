@@ -26,11 +26,11 @@ def measure(backbone, batch, size, steps, repeats, jit):
     model.compile(optim.SGD(0.06, momentum=0.9, weight_decay=5e-4), jit_compile=jit)
     views = tuple(np.random.default_rng(i).uniform(0, 1, (batch, size, size, 3)).astype("float32") for i in range(2))
     ds = tf.data.Dataset.from_tensors({"views": views, "label": np.zeros(batch, "int32")}).repeat()
-    model.fit(ds, epochs=1, steps_per_epoch=2, verbose=0)
+    model.fit(ds, epochs=1, steps_per_epoch=2, verbose=0, shuffle=False)
     rates = []
     for _ in range(repeats):
         start = time.perf_counter()
-        model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0)
+        model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
         rates.append(steps * batch / (time.perf_counter() - start))
     return statistics.median(rates)
 
