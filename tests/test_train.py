@@ -59,6 +59,7 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert "image folder not found" in capsys.readouterr().err
     assert cli.main(["pretrain", "--workdir", str(tmp_path), "--set", "data.limit=10"]) == 2
     assert "larger than the 10 training images" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)                           # failed runs leave nothing behind
     with pytest.raises(SystemExit, match="issue #7"):
         cli.main(["export", "--workdir", str(tmp_path), "--out", str(tmp_path / "x")])
 

@@ -46,12 +46,6 @@ def replica_offset(local_batch):
     return replica_id() * tf.cast(local_batch, tf.int32)
 
 
-def local_rows(gathered, local_batch):
-    """This replica's rows of a gathered tensor (no gradient issues: a plain slice)."""
-    start = replica_offset(local_batch)
-    return gathered[start:start + local_batch]
-
-
 def global_sum(x):
     """Sum of ``x`` over replicas (identity on one replica). Use for metrics, never inside the loss."""
     ctx = _replica_ctx()

@@ -47,16 +47,16 @@ def plan_steps(cfg, num_train):
 
 def pretrain(cfg: config.Config, workdir: str, log=print):
     """Run the pretraining described by ``cfg`` and return the summary dict (also written to summary.json)."""
-    os.makedirs(workdir, exist_ok=True)
     keras.utils.set_random_seed(cfg.train.seed)
     strategy = distribute.make_strategy(cfg.distribute)
     replicas = strategy.num_replicas_in_sync
     if cfg.train.batch_size % replicas:
         raise config.ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the {replicas} "
                                  f"replicas")
-    config.dump(cfg, os.path.join(workdir, "config.yaml"))
     source = data.load_source(cfg.data)
     steps = plan_steps(cfg, source.num_train)
+    os.makedirs(workdir, exist_ok=True)      # only once the recipe and data are known to be usable
+    config.dump(cfg, os.path.join(workdir, "config.yaml"))
     total = steps * cfg.train.epochs
     log(f"tfssl {__version__}: {type(cfg.method).method_name} on {source.name} ({source.num_train} train / "
         f"{source.num_test} held-out images, {source.skipped_corrupt} corrupt skipped), backbone "

@@ -182,6 +182,7 @@ class Views(keras.layers.Layer):
 
     @property
     def count(self):
+        """Number of views produced per image (large + small)."""
         return len(self.large) + len(self.small)
 
     def call(self, images):
