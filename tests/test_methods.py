@@ -14,13 +14,24 @@ from tfssl.optim import SGD
 B = 8
 CASES = [("ressl", dict(queue_size=32)), ("ressl", dict(queue_size=32, crop_sizes=[16, 24])),
          ("simclr", dict(temperature=0.5)), ("mocov2", dict(queue_size=32)),
-         ("mocov2", dict(queue_size=32, symmetric=True))]
+         ("mocov2", dict(queue_size=32, symmetric=True)), ("wcl", dict()),
+         ("wcl", dict(knn_crops=3, knn_crop_size=16, knn_crops_keep=2))]
 
 
 def _views(cfg, seed=0):
     rng = np.random.default_rng(seed)
-    sizes = [32, 32] + list(getattr(cfg.method, "crop_sizes", []))
+    sizes = [32, 32] + methods.METHODS[cfg.method.method_name].small_crops(cfg.method, 32)[0]
     views = tuple(rng.uniform(0, 1, (B, s, s, 3)).astype("float32") for s in sizes)
+    if cfg.method.method_name == "wcl":
+        # image i + B/2 is a noisy copy of image i: 1-NN edges then have clear margins (≥ 1e-3; random images
+        # under a random net are near-ties that float rounding flips) and many cross the replica boundary. Closer
+        # copies would make the loss ill-conditioned (a negative almost equal to the positive).
+        views = tuple(np.concatenate([v[:B // 2], v[:B // 2] + 0.3 * rng.standard_normal(v[:B // 2].shape)])
+                      .astype("float32") for v in views)
+        # KNN crops: crop c is view 1 downsized plus noise growing with c, so the kept (nearest) crops are clearer
+        crops = [tf.image.resize(views[0], (s, s)).numpy() + 0.5 * (c + 1) * rng.standard_normal((B, s, s, 3))
+                 for c, s in enumerate(sizes[2:])]
+        views = views[:2] + tuple(c.astype("float32") for c in crops)
     return views, rng.integers(0, 10, B).astype("int32")
 
 
@@ -66,22 +77,24 @@ def test_two_replicas_equal_one(name, params, mirrored):
     loss2, g2 = _grads(two, mirrored, views)
     assert np.isfinite(loss1) and abs(loss1 - loss2) < 1e-5
     assert max(np.max(np.abs(a)) for a in g1) > 0
-    for a, b in zip(g1, g2):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+    for a, b in zip(g1, g2):  # float32 error scales with the tensor's magnitude (WCL's reach ~10)
+        np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, np.abs(a).max()), rtol=1e-4)
 
     # one optimizer step: every weight (student, teacher incl. BN statistics, probe, queue) equal to 1e-5
     step = lambda v, l: tf.data.Dataset.from_tensors({"views": v, "label": l})
     h1 = one.fit(step(views, labels), epochs=1, verbose=0).history
     h2 = two.fit(step(views, labels), epochs=1, verbose=0).history
-    for key in ("loss", "probe_loss", "probe_acc"):
-        np.testing.assert_allclose(h1[key], h2[key], atol=1e-5)
+    assert set(h1) == set(h2)
+    for key in set(h1) - {"z_std"}:  # z_std is a per-replica statistic; the rest (loss, probe, method metrics
+        np.testing.assert_allclose(h1[key], h2[key], atol=1e-5, err_msg=key)  # like WCL's weak labels) is global
     _assert_same_weights(one, two, atol=1e-5)
     # a second step on another batch: queue order (global batch order, wrap-around) and pointer still equal;
-    # weights within 1e-4 (float32 rounding of step 1 is amplified by step 2's sharp softmaxes)
+    # weights within 1e-3: float32 rounding of step 1 is amplified by step 2's sharp softmaxes (τt = 0.04), and
+    # CPU thread scheduling changes that rounding from run to run (ReSSL multi-crop seen at 1e-5 … 5e-4)
     views2, labels2 = _views(cfg, seed=1)
     one.fit(step(views2, labels2), epochs=1, verbose=0)
     two.fit(step(views2, labels2), epochs=1, verbose=0)
-    _assert_same_weights(one, two, atol=1e-4)
+    _assert_same_weights(one, two, atol=1e-3)
     if one.uses_teacher:
         rows = 2 * B * (2 if getattr(cfg.method, "symmetric", False) else 1)
         assert int(two.queue_ptr.numpy()) == int(one.queue_ptr.numpy()) == rows % cfg.method.queue_size

@@ -218,17 +218,22 @@ def load_source(cfg) -> Source:
     raise DataError(f"data.name={cfg.name!r} is not one of fashion_mnist, tfds:<name>, folder, numpy")
 
 
-def train_pipeline(ds, batch_size, views=None, seed=None, shuffle_buffer=10000, repeat=True):
+def train_pipeline(ds, batch_size, views=None, seed=None, shuffle_buffer=10000, repeat=True, start_step=0):
     """Shuffle, repeat, batch (drop remainder: static shapes for XLA/TPU) and, if given, make the views in-pipeline.
 
     Yields ``{"image", "label"}`` batches, or ``{"views": tuple, "label"}`` when ``views`` (a
-    :class:`tfssl.views.Views`) runs here instead of on the device.
+    :class:`tfssl.views.Views`) runs here instead of on the device. Scheduled views (a warm-up recipe) get the
+    training step of each batch: batch k is step ``start_step + k`` (one batch per step, as ``model.fit`` reads).
     """
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
     ds = ds.batch(batch_size, drop_remainder=True)
-    if views is not None:
+    if views is not None and getattr(views, "scheduled", False):
+        ds = ds.enumerate(start=start_step).map(
+            lambda step, e: {"views": views(e["image"], step=step), "label": e["label"]},
+            num_parallel_calls=AUTOTUNE, deterministic=seed is not None)
+    elif views is not None:
         ds = ds.map(lambda e: {"views": views(e["image"]), "label": e["label"]}, num_parallel_calls=AUTOTUNE,
                     deterministic=seed is not None)
     return ds.prefetch(AUTOTUNE)

@@ -73,3 +73,130 @@ def ressl_loss(student, teacher, queue, student_temperature=0.1, teacher_tempera
     batch is not in the queue, so the positive is in neither distribution. Uses log_softmax (stable). Batch mean.
     """
     return tf.reduce_mean(ressl_terms(student, teacher, queue, student_temperature, teacher_temperature))
+
+
+# ----------------------------------------------------------------------------------------------------- WCL
+def nearest_neighbour(embeddings):
+    """Index of each row's most cosine-similar *other* row. [B,D] → int32 [B].
+
+    Tie rule: exact duplicates (bit-identical input rows, found by :func:`_row_hash`) are each other's nearest,
+    so a duplicated row points to the lowest-index other copy; otherwise the highest float32 similarity wins and
+    among exactly equal values the lowest index. (Without the duplicate rule, the matmul rounds the similarities of
+    identical rows differently at different positions.) The similarity matrix is symmetrised, which with the tie
+    rule guarantees that every cycle of the 1-NN graph is a mutual pair. NaN similarities count as −2 (never
+    nearest). A single row points to itself.
+    """
+    x = tf.cast(embeddings, tf.float32)
+    e = tf.math.l2_normalize(x, axis=1)
+    n = tf.shape(e)[0]
+    sim = tf.matmul(e, e, transpose_b=True)
+    sim = (sim + tf.transpose(sim)) / 2.0                    # exactly symmetric: a+b == b+a in floating point
+    h1, h2 = _row_hash(x)
+    sim = tf.where(tf.equal(h1[:, None], h1[None, :]) & tf.equal(h2[:, None], h2[None, :]), 2.0, sim)
+    sim = tf.where(tf.math.is_nan(sim), -2.0, sim)
+    sim = tf.where(tf.eye(n, dtype=tf.bool), -3.0, sim)     # never oneself (unless alone)
+    best = tf.reduce_max(sim, axis=1, keepdims=True)
+    columns = tf.range(n, dtype=tf.int32)[None, :]
+    return tf.reduce_min(tf.where(sim >= best, columns, n), axis=1)
+
+
+def _row_hash(x):
+    """Two exact int64 hashes of each float32 row's bits (16-bit halves times fixed 16-bit weights: no overflow).
+
+    Equal rows give equal hashes; different rows collide on both with probability ~2⁻³², used only to find exact
+    duplicates. x: [B,D] float32 → ([B], [B]) int64.
+    """
+    bits = tf.bitcast(x, tf.int32)
+    halves = tf.cast(tf.concat([tf.bitwise.bitwise_and(bits, 0xFFFF),
+                                tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 16), 0xFFFF)], axis=1), tf.int64)
+    d = tf.shape(halves)[1]
+    position = tf.cast(tf.range(d), tf.int64)
+    w1 = (position * 40503 + 12345) % 65521 + 1              # two fixed pseudo-random weight rows in [1, 65521]
+    w2 = (position * 2654435 + 977) % 65519 + 1
+    return tf.reduce_sum(halves * w1, axis=1), tf.reduce_sum(halves * w2, axis=1)
+
+
+def components(neighbour):
+    """Connected components of the undirected graph {i — neighbour[i]} as ids 0…C−1 (ordered by the component's
+    smallest mutual-pair index), for a 1-NN graph whose cycles are mutual pairs (as :func:`nearest_neighbour`
+    returns). Pointer jumping p ← p[p] for ⌈log2 B⌉+1 rounds brings every node onto its component's pair {a, b};
+    min(p, neighbour[p]) = min(a, b) then names the component. Gathers only: runs eagerly, in graphs and in XLA.
+    """
+    neighbour = tf.cast(neighbour, tf.int32)
+    n = tf.shape(neighbour)[0]
+    rounds = tf.cast(tf.math.ceil(tf.math.log(tf.cast(tf.maximum(n, 2), tf.float32)) / tf.math.log(2.0)), tf.int32) + 1
+    _, p = tf.while_loop(lambda i, p: i < rounds, lambda i, p: (i + 1, tf.gather(p, p)), (0, neighbour))
+    root = tf.minimum(p, tf.gather(neighbour, p))
+    is_root = tf.cast(tf.equal(root, tf.range(n, dtype=tf.int32)), tf.int32)
+    return tf.gather(tf.cumsum(is_root) - 1, root)
+
+
+def weak_labels(embeddings):
+    """WCL weak labels (Zheng et al. 2021, §3.2): connected components of the undirected 1-NN cosine graph.
+
+    [B,D] → int32 [B] with ids 0…C−1; every component of B ≥ 2 rows has at least two members. No gradient.
+    """
+    return tf.stop_gradient(components(nearest_neighbour(tf.stop_gradient(embeddings))))
+
+
+def component_stats(labels, classes=None):
+    """(number of components, mean component size, weak-label precision) of weak ``labels`` [B].
+
+    Precision = fraction of same-component pairs (i ≠ j, both with a class ≥ 0) whose true ``classes`` agree; NaN-free
+    (1.0 when there is no such pair). ``classes`` is for monitoring only; without it precision is returned as −1.
+    """
+    labels = tf.cast(labels, tf.int32)
+    n = tf.cast(tf.size(labels), tf.float32)
+    count = tf.cast(tf.reduce_max(labels) + 1, tf.float32)
+    if classes is None:
+        return count, n / count, tf.constant(-1.0)
+    classes = tf.cast(classes, tf.int32)
+    known = classes >= 0
+    pair = tf.equal(labels[:, None], labels[None, :]) & ~tf.eye(tf.size(labels), dtype=tf.bool)
+    pair &= known[:, None] & known[None, :]
+    agree = pair & tf.equal(classes[:, None], classes[None, :])
+    pairs = tf.reduce_sum(tf.cast(pair, tf.float32))
+    precision = tf.where(pairs > 0, tf.reduce_sum(tf.cast(agree, tf.float32)) / tf.maximum(pairs, 1.0), 1.0)
+    return count, n / count, precision
+
+
+def sup_contrastive_terms(queries, keys, query_labels, key_labels, temperature, self_index=None):
+    """Supervised contrastive terms (WCL eq. 5 form) of each query row against the keys:
+
+    ℓ_i = −(1/|P_i|) Σ_{j∈P_i} [q_i·k_j/τ − log Σ_{k≠s(i)} exp(q_i·k_k/τ)],  P_i = {j ≠ s(i): label_j = label_i}.
+
+    ``self_index`` [N] (or None) is the key column of the query itself, excluded from positives and denominator.
+    Rows without any positive give 0. Gradient flows into whatever is not stopped by the caller. Returns [N].
+    """
+    logits = tf.matmul(queries, keys, transpose_b=True) / temperature
+    positive = tf.equal(query_labels[:, None], key_labels[None, :])
+    if self_index is not None:
+        is_self = tf.one_hot(self_index, tf.shape(keys)[0], on_value=True, off_value=False)
+        logits = tf.where(is_self, tf.constant(_MASKED, logits.dtype), logits)
+        positive &= ~is_self
+    log_prob = logits - tf.reduce_logsumexp(logits, axis=1, keepdims=True)
+    count = tf.reduce_sum(tf.cast(positive, logits.dtype), axis=1)
+    total = tf.reduce_sum(tf.where(positive, log_prob, tf.zeros_like(log_prob)), axis=1)
+    return -total / tf.maximum(count, 1.0)
+
+
+def wcl_graph_terms(h1, h2, h1_all, h2_all, labels1, labels2, offset, temperature=0.1):
+    """Per-anchor swapped graph terms of the local rows (h1 then h2) against the gathered, stopped keys. [2b].
+
+    View 1 contrasts within view 1 with positives from view 2's graph (``labels2``) and vice versa; the local row i
+    is global row ``offset + i`` (its own key column, excluded).
+    """
+    idx = tf.range(tf.shape(h1)[0], dtype=tf.int32) + tf.cast(offset, tf.int32)
+    t1 = sup_contrastive_terms(h1, tf.stop_gradient(h1_all), tf.gather(labels2, idx), labels2, temperature, idx)
+    t2 = sup_contrastive_terms(h2, tf.stop_gradient(h2_all), tf.gather(labels1, idx), labels1, temperature, idx)
+    return tf.concat([t1, t2], axis=0)
+
+
+def wcl_graph_loss(h1, h2, temperature=0.1):
+    """WCL graph loss (METHODS.md WCL step 3): L = (L_sup(h1, sg(h1), mask(h2)) + L_sup(h2, sg(h2), mask(h1))) / 2.
+
+    h1, h2: L2-normalised graph-head embeddings [B,D] of the two views of the full (gathered) batch; masks are
+    the weak labels (:func:`weak_labels`) of the other view; self is excluded from positives and denominator.
+    """
+    terms = wcl_graph_terms(h1, h2, h1, h2, weak_labels(h1), weak_labels(h2), 0, temperature)
+    return tf.reduce_mean(terms)

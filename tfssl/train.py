@@ -63,7 +63,7 @@ def pretrain(cfg: config.Config, workdir: str, log=print):
         f"{cfg.model.backbone}, {cfg.train.epochs} epochs × {steps} steps, batch {cfg.train.batch_size} on "
         f"{replicas} replica(s) [{type(strategy).__name__}]")
 
-    views = methods.views_for(cfg)
+    views = methods.views_for(cfg, steps)
     pipeline = data.train_pipeline(source.train, cfg.train.batch_size, None if cfg.augment.on_device else views,
                                    seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer)
     with strategy.scope():

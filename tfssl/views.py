@@ -170,12 +170,22 @@ class Views(keras.layers.Layer):
     Small crops (multi-crop, Caron et al. 2020) use the first recipe at ``small_size`` px with ``small_scale``.
     ``small_sizes``/``small_scales`` (lists) give each small crop its own size and scale range instead (ReSSL's
     192/160/128/96 crops with scale (0.2, 1)·size/224).
+
+    View schedule: with ``warmup_recipes`` and ``warmup_steps > 0`` the large views use ``warmup_recipes`` while the
+    training step (``call(images, step=…)``) is below ``warmup_steps`` and ``recipes`` afterwards (WCL: MoCo-v2
+    strength for 10 epochs, then SimCLR strength). ``step=None`` means "after warm-up". Small crops always use
+    ``recipes[0]``.
     """
 
     def __init__(self, recipes=("strong", "strong"), preset="cifar", size=32, small_crops=0, small_size=16,
-                 small_scale=(0.05, 0.14), small_sizes=None, small_scales=None, **kw):
+                 small_scale=(0.05, 0.14), small_sizes=None, small_scales=None, warmup_recipes=None,
+                 warmup_steps=0, **kw):
         super().__init__(**kw)
         self.large = [view(r, preset, size) for r in recipes]
+        self.warmup_steps = int(warmup_steps) if warmup_recipes else 0
+        if self.warmup_steps and len(warmup_recipes) != len(recipes):
+            raise ValueError(f"warmup_recipes {tuple(warmup_recipes)} must have as many views as {tuple(recipes)}")
+        self.warmup = [view(r, preset, size) for r in warmup_recipes] if self.warmup_steps else []
         sizes = list(small_sizes) if small_sizes else [small_size] * small_crops
         scales = list(small_scales) if small_scales else [tuple(small_scale)] * len(sizes)
         self.small = [view(recipes[0], preset, s, scale=tuple(sc)) for s, sc in zip(sizes, scales)]
@@ -185,13 +195,24 @@ class Views(keras.layers.Layer):
         """Number of views produced per image (large + small)."""
         return len(self.large) + len(self.small)
 
-    def call(self, images):
+    @property
+    def scheduled(self):
+        """True when the large views depend on the training step (a warm-up recipe is set)."""
+        return bool(self.warmup)
+
+    def call(self, images, step=None):
         if images.dtype == tf.uint8:
             images = tf.cast(images, tf.float32) / 255.0
-        return tuple(v(images) for v in self.large + self.small)
+        small = tuple(v(images) for v in self.small)
+        if not self.scheduled or step is None:
+            return tuple(v(images) for v in self.large) + small
+        large = tf.cond(tf.cast(step, tf.int64) < self.warmup_steps, lambda: tuple(v(images) for v in self.warmup),
+                        lambda: tuple(v(images) for v in self.large))
+        return tuple(large) + small
 
 
-def from_config(augment_cfg, recipes, small_sizes=None, small_scales=None):
+def from_config(augment_cfg, recipes, small_sizes=None, small_scales=None, warmup_recipes=None, warmup_steps=0):
     """Build :class:`Views` for a method's ``recipes`` from an :class:`tfssl.config.AugmentConfig`."""
     return Views(recipes, augment_cfg.preset, augment_cfg.size, augment_cfg.small_crops, augment_cfg.small_size,
-                 augment_cfg.small_scale, small_sizes=small_sizes, small_scales=small_scales)
+                 augment_cfg.small_scale, small_sizes=small_sizes, small_scales=small_scales,
+                 warmup_recipes=warmup_recipes, warmup_steps=warmup_steps)

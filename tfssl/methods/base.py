@@ -36,7 +36,9 @@ class SSLMethod(keras.Model):
     method_name = "base"
     uses_teacher = False
     view_recipes = ("strong", "strong")
-    metric_names = ()
+    warmup_view_recipes = None   # recipes of the first ``params.view_warmup_epochs`` epochs (a view schedule)
+    metric_names = ()            # scalars a method returns in its outputs dict, averaged over replicas
+    label_metric_names = ()      # scalars of :meth:`label_metrics` (need the monitoring labels)
 
     def __init__(self, params, model_cfg, num_classes=0, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3, views=None,
                  total_steps=1, seed=0, **kw):
@@ -61,8 +63,8 @@ class SSLMethod(keras.Model):
             self.teacher_projector.set_weights(self.projector.get_weights())
             self.momentum = self.add_weight(shape=(), initializer=keras.initializers.Constant(params.momentum),
                                             trainable=False, name="momentum")
-        self.trackers = {n: keras.metrics.Mean(name=n) for n in
-                         ("loss", "probe_loss", "probe_acc", "z_std") + tuple(self.metric_names)}
+        names = ("loss", "probe_loss", "probe_acc", "z_std") + tuple(self.metric_names) + tuple(self.label_metric_names)
+        self.trackers = {n: keras.metrics.Mean(name=n) for n in names}
         self.built = True  # every variable exists now; Keras must not trace call() on view dicts to build
 
     # ----------------------------------------------------------------- pieces methods use
@@ -126,6 +128,12 @@ class SSLMethod(keras.Model):
         return tf.cast(tf.shape(local)[0] * distribute.num_replicas(), tf.float32)
 
     # ----------------------------------------------------------------- hooks
+    @classmethod
+    def small_crops(cls, params, size):
+        """The method's own extra crops: (sizes, scale ranges) lists; none by default (``augment.small_crops``
+        still adds generic multi-crop)."""
+        return [], []
+
     def teacher_outputs(self, views):
         """Teacher forward (outside the tape). Returns a dict passed to :meth:`student_loss`."""
         return {}
@@ -133,6 +141,10 @@ class SSLMethod(keras.Model):
     def student_loss(self, views, teacher):
         """Returns (this replica's share of the global mean loss, dict with 'features', 'z', 'enqueue', metrics)."""
         raise NotImplementedError
+
+    def label_metrics(self, out, labels):
+        """Monitoring metrics that use the true labels (never the loss): dict name → global scalar."""
+        return {}
 
     @property
     def student_variables(self):
@@ -169,7 +181,8 @@ class SSLMethod(keras.Model):
             if self.views is None:
                 raise ValueError("train_step got raw images but the model has no on-device views; pass views=… "
                                  "or feed {'views': (…)} from the pipeline")
-            views = self.views(images)
+            step = self.optimizer.iterations if getattr(self.views, "scheduled", False) else None
+            views = self.views(images, step=step)
         return views, labels
 
     def loss_and_gradients(self, views):
@@ -193,6 +206,9 @@ class SSLMethod(keras.Model):
         self.trackers["z_std"].update_state(distribute.global_mean(z_std))
         for name in self.metric_names:
             self.trackers[name].update_state(distribute.global_mean(out[name]))
+        if labels is not None:
+            for name, value in self.label_metrics(out, labels).items():
+                self.trackers[name].update_state(value)
         if self.probe is not None and labels is not None:
             self.probe_step(out["features"], labels)
         logs = {name: t.result() for name, t in self.trackers.items()}

@@ -40,6 +40,12 @@ class ReSSL(SSLMethod):
         super().__init__(params, model_cfg, **kw)
         self.queue, self.queue_ptr = self.add_queue("queue", params.queue_size, model_cfg.projector_dim)
 
+    @classmethod
+    def small_crops(cls, params, size):
+        """``crop_sizes`` crops, each with scale (0.2, 1)·crop/size (the official 192/160/128/96 at 224)."""
+        sizes = list(params.crop_sizes or [])
+        return sizes, [(0.2 * s / size, 1.0 * s / size) for s in sizes]
+
     def teacher_outputs(self, views):
         return {"key": self.teacher_embed(views[1])}
 
