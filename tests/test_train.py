@@ -16,9 +16,11 @@ QUICK = ["data.limit=384", "data.test_limit=256", "train.epochs=1", "train.batch
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["ressl_fashion_mnist", "simclr_fashion_mnist", "mocov2_fashion_mnist"])
+@pytest.mark.parametrize("recipe", ["ressl_fashion_mnist", "simclr_fashion_mnist", "mocov2_fashion_mnist",
+                                    "wcl_fashion_mnist"])
 def test_recipe_short_run(recipe, tmp_path):
-    cfg = config.load(recipe, QUICK + (["method.queue_size=512"] if "simclr" not in recipe else []))
+    cfg = config.load(recipe, QUICK + (["method.queue_size=512"] if recipe.split("_")[0] in ("ressl", "mocov2")
+                                       else []))
     summary = pretrain(cfg, str(tmp_path), log=lambda *_: None)
     assert np.isfinite(summary["final_loss"])
     assert summary["steps"] == 384 // 64 and summary["epochs"] == 1 and summary["replicas"] == 1
@@ -31,6 +33,19 @@ def test_recipe_short_run(recipe, tmp_path):
     assert not glob.glob(str(tmp_path / "checkpoints" / ".tmp*"))
     assert glob.glob(str(tmp_path / "tensorboard" / "**" / "events.out.tfevents*"), recursive=True)
     assert config.load(str(tmp_path / "config.yaml")).to_dict() == cfg.to_dict()
+    if recipe.startswith("wcl"):                      # the weak-label metrics reach the summary's history
+        assert all(0 <= p <= 1 for p in summary["history"]["weak_precision"])
+        assert summary["history"]["weak_components"][0] >= 1
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml"))),
+                         ids=os.path.basename)
+def test_every_shipped_recipe_loads_and_builds_its_views(path):
+    from tfssl import methods
+    cfg = config.load(path)
+    assert os.path.basename(path).startswith(type(cfg.method).method_name + "_")
+    views = methods.views_for(cfg, steps_per_epoch=10)
+    assert views.count >= 2 and views.large[0].layers[0].size == cfg.augment.size
 
 
 @pytest.mark.slow

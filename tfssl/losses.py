@@ -200,3 +200,28 @@ def wcl_graph_loss(h1, h2, temperature=0.1):
     """
     terms = wcl_graph_terms(h1, h2, h1, h2, weak_labels(h1), weak_labels(h2), 0, temperature)
     return tf.reduce_mean(terms)
+
+
+def knn_crop_terms(u, s, anchor, owner, z_all, h1_all, h2_all, labels1, labels2, keep, temperature=0.1,
+                   graph_temperature=0.1):
+    """KNN multi-crop terms of WCL (paper §3.4; *tfssl's reconstruction*, not in the released code).
+
+    u, s: [b, m, D] instance / graph embeddings of m small crops of each local image; anchor [b, D]: mean graph
+    embedding of the image's two large views; owner [b]: the image's global row; z_all [2B, D]: gathered instance
+    embeddings of view 1 then view 2; h1_all, h2_all [B, D]: gathered graph embeddings; labels1/2 [B]: weak labels.
+    Per image the ``keep`` crops with the highest s·sg(anchor) are kept. A crop's term is
+    ℓ_inst + (ℓ_graph(H1, labels2) + ℓ_graph(H2, labels1)) / 2 with ℓ = :func:`sup_contrastive_terms`: instance
+    positives are its image's two large views among all 2B; graph positives are its image's weak-label component of
+    the other view (the image itself included). Keys h*_all are stopped. Returns (terms [b·m], kept [b·m] 0/1).
+    """
+    b, m = tf.shape(u)[0], u.shape[1]
+    score = tf.einsum("bmd,bd->bm", tf.stop_gradient(s), tf.stop_gradient(anchor))
+    kept = tf.reduce_sum(tf.one_hot(tf.math.top_k(score, keep).indices, m, dtype=u.dtype), axis=1)
+    rows = tf.repeat(tf.cast(owner, tf.int32), m)                          # crop row → its image's global row
+    u, s = tf.reshape(u, [b * m, -1]), tf.reshape(s, [b * m, -1])
+    images = tf.range(tf.shape(h1_all)[0], dtype=tf.int32)
+    instance = sup_contrastive_terms(u, z_all, rows, tf.concat([images, images], 0), temperature)
+    graph = (sup_contrastive_terms(s, tf.stop_gradient(h1_all), tf.gather(labels2, rows), labels2, graph_temperature)
+             + sup_contrastive_terms(s, tf.stop_gradient(h2_all), tf.gather(labels1, rows), labels1,
+                                     graph_temperature)) / 2.0
+    return instance + graph, tf.reshape(kept, [-1])

@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from tfssl import distribute
 from tfssl.backbones import build_mlp
-from tfssl.losses import component_stats, nt_xent_terms, sup_contrastive_terms, wcl_graph_terms, weak_labels
+from tfssl.losses import component_stats, knn_crop_terms, nt_xent_terms, wcl_graph_terms, weak_labels
 from tfssl.methods.base import SSLMethod, normalize
 
 
@@ -105,24 +105,13 @@ class WCL(SSLMethod):
                       "weak_component_size": (stats[0][1] + stats[1][1]) / 2.0}
 
     def crop_loss(self, crops, h, z_all, h_all, labels, idx, n):
-        """This replica's share of the KNN multi-crop loss (mean over the K·B kept crops; see module doc)."""
+        """This replica's share of the KNN multi-crop loss: mean over the K·B kept crops (:func:`knn_crop_terms`)."""
         p = self.params
         outs = [self.heads(c) for c in crops]
-        u = tf.stack([o[1] for o in outs], axis=1)                                  # [b, m, D] instance
-        s = tf.stack([o[2] for o in outs], axis=1)                                  # [b, m, D] graph
-        anchor = tf.stop_gradient(h[0] + h[1]) / 2.0
-        score = tf.einsum("bmd,bd->bm", tf.stop_gradient(s), anchor)
-        kept = tf.reduce_sum(tf.one_hot(tf.math.top_k(score, p.knn_crops_keep).indices, len(crops)), axis=1)
-        b, m = tf.shape(u)[0], len(crops)
-        owner = tf.repeat(idx, m)                                                   # crop row → global image
-        u, s, kept = tf.reshape(u, [b * m, -1]), tf.reshape(s, [b * m, -1]), tf.reshape(kept, [-1])
-        images = tf.range(tf.shape(z_all[0])[0], dtype=tf.int32)
-        instance = sup_contrastive_terms(u, tf.concat(z_all, 0), owner, tf.concat([images, images], 0),
-                                         p.temperature)
-        graph = (sup_contrastive_terms(s, h_all[0], tf.gather(labels[1], owner), labels[1], p.graph_temperature)
-                 + sup_contrastive_terms(s, h_all[1], tf.gather(labels[0], owner), labels[0],
-                                         p.graph_temperature)) / 2.0
-        return tf.reduce_sum((instance + graph) * kept) / (p.knn_crops_keep * n)
+        terms, kept = knn_crop_terms(tf.stack([o[1] for o in outs], 1), tf.stack([o[2] for o in outs], 1),
+                                     (h[0] + h[1]) / 2.0, idx, tf.concat(z_all, 0), *h_all, *labels,
+                                     p.knn_crops_keep, p.temperature, p.graph_temperature)
+        return tf.reduce_sum(terms * kept) / (p.knn_crops_keep * n)
 
     def label_metrics(self, out, labels):
         """Weak-label precision: fraction of same-component pairs of the global batch sharing the true class."""
