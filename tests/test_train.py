@@ -75,8 +75,11 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert cli.main(["pretrain", "--workdir", str(tmp_path), "--set", "data.limit=10"]) == 2
     assert "larger than the 10 training images" in capsys.readouterr().err
     assert not os.listdir(tmp_path)                           # failed runs leave nothing behind
-    with pytest.raises(SystemExit, match="issue #7"):
-        cli.main(["export", "--workdir", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert cli.main(["export", "--workdir", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
+    assert cli.main(["zoo", "verify", str(tmp_path / "missing.onnx"), "--manifest", str(tmp_path / "z.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
 
 
 def test_preview_writes_a_real_png(tmp_path):

@@ -13,7 +13,7 @@ SET_HELP = ("override a recipe key, repeatable: --set train.epochs=5 --set data.
 
 def _parser():
     p = argparse.ArgumentParser(prog="tfssl", description="Self-supervised visual representation learning "
-                                "(ReSSL, SimCLR, MoCo v2; WCL and CsMl to come) with Keras 3 / TensorFlow.")
+                                "(ReSSL, WCL, SimCLR, MoCo v2; CsMl to come) with Keras 3 / TensorFlow.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     pre = sub.add_parser("pretrain", help="pretrain a backbone, then report kNN and probe accuracy",
@@ -31,9 +31,24 @@ def _parser():
     ev.add_argument("--checkpoint", default=None, help="weights file (default: WORKDIR/checkpoints/last.weights.h5)")
     ev.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=SET_HELP)
 
-    ex = sub.add_parser("export", help="export the backbone to SavedModel / ONNX / .keras (not yet available)")
-    ex.add_argument("--workdir", required=True)
-    ex.add_argument("--out", required=True)
+    ex = sub.add_parser("export", help="export the backbone to SavedModel / ONNX / .keras with a model card",
+                        description="Export the backbone of a run (not heads or teacher), verify parity of every "
+                        "format against Keras, write model_card.json and README.md; nothing is left on failure.")
+    ex.add_argument("--workdir", required=True, help="a run directory written by `tfssl pretrain`")
+    ex.add_argument("--checkpoint", default=None, help="weights file (default: WORKDIR/checkpoints/last.weights.h5)")
+    ex.add_argument("--out", required=True, help="export directory (must be new or empty, or use --overwrite)")
+    ex.add_argument("--formats", default=None, help="comma list of savedmodel,onnx,keras (default: the recipe's)")
+    ex.add_argument("--input-size", type=int, default=None, help="side of the parity images (default: recipe's)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+
+    zo = sub.add_parser("zoo", help="model-zoo manifest: list, add an export, verify a download",
+                        description="The manifest export/zoo.json lists exported backbones with their hashes.")
+    zo.add_argument("action", choices=["list", "add", "verify"])
+    zo.add_argument("path", nargs="?", help="add: export directory; verify: downloaded file or directory")
+    zo.add_argument("--name", default=None, help="entry name (add: required; verify: restrict to this entry)")
+    zo.add_argument("--location", default=None, help="add: where the files live (default: path relative to manifest)")
+    zo.add_argument("--replace", action="store_true", help="add: replace an existing entry of that name")
+    zo.add_argument("--manifest", default=None, help="manifest file (default: export/zoo.json of this checkout)")
 
     pv = sub.add_parser("preview", help="write a PNG grid of images and their views",
                         description="Show what a recipe's views look like: one row per image, original first.")
@@ -87,11 +102,47 @@ def _eval(args):
                   ("kNN top-5", _pct(res["top5"]))]))
 
 
+def _export(args):
+    from tfssl.export import export_run
+    kw = {"overwrite": args.overwrite}
+    if args.formats:
+        kw["formats"] = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+    if args.input_size:
+        kw["input_size"] = args.input_size
+    card = export_run(args.workdir, args.out, checkpoint=args.checkpoint, **kw)
+    print(f"exported {card['training'].get('method')} {card['training'].get('backbone')} backbone to {args.out}")
+    print(_table([(f, f"{v['max_abs']:.1e} abs, {v['max_rel']:.1e} rel") for f, v in card["parity"].items()]
+                 + [(p, f"{m['bytes']} bytes  sha256 {m['sha256'][:16]}…") for p, m in card["files"].items()
+                    if "/" not in p]))
+
+
+def _zoo(args):
+    from tfssl import zoo
+    manifest = args.manifest or zoo.MANIFEST
+    if args.action == "list":
+        models = zoo.read_manifest(manifest)["models"]
+        rows = [(n, f"{e['training'].get('method')} {e['training'].get('backbone')} on {e['training'].get('dataset')}"
+                    f"  {json.dumps(e.get('evaluation', {}))}  at {e['location']}") for n, e in sorted(models.items())]
+        print(_table(rows) if rows else f"no models in {manifest}")
+        return
+    if not args.path:
+        raise zoo.ZooError(f"tfssl zoo {args.action} needs a path")
+    if args.action == "add":
+        if not args.name:
+            raise zoo.ZooError("tfssl zoo add needs --name")
+        e = zoo.add(args.path, args.name, manifest, location=args.location, replace=args.replace)
+        print(f"added {args.name} ({len(e['files'])} files) to {manifest}")
+    else:
+        print(f"ok: {args.path} matches zoo entry {zoo.verify(args.path, args.name, manifest)!r}")
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     from tfssl.config import ConfigError
     from tfssl.data import DataError
     from tfssl.callbacks import NonFiniteLoss
+    from tfssl.export import ExportError
+    from tfssl.zoo import ZooError
     try:
         if args.command == "pretrain":
             _pretrain(args)
@@ -102,8 +153,10 @@ def main(argv=None):
             from tfssl.preview import preview
             print(f"wrote {preview(config.load(args.config, args.set), args.out, args.count)}")
         elif args.command == "export":
-            sys.exit("tfssl export: not available yet (model-zoo export, issue #7)")
-    except (ConfigError, DataError, NonFiniteLoss) as e:
+            _export(args)
+        elif args.command == "zoo":
+            _zoo(args)
+    except (ConfigError, DataError, NonFiniteLoss, ExportError, ZooError) as e:
         print(f"tfssl {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
