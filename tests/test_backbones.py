@@ -68,3 +68,17 @@ def test_sync_bn_two_replicas_equal_one_when_variance_is_small(mirrored):
         mean, var = (mirrored.experimental_local_results(m)[replica].numpy() for m in moments)
         np.testing.assert_allclose(mean, expected[0].numpy(), rtol=1e-6)
         np.testing.assert_allclose(var, expected[1].numpy(), rtol=1e-3)
+
+
+def test_initialisation_is_per_layer_and_follows_the_seed():
+    import keras
+    keras.utils.set_random_seed(0)
+    a = build_backbone("tiny")
+    keras.utils.set_random_seed(0)
+    b = build_backbone("tiny")
+    keras.utils.set_random_seed(1)
+    c = build_backbone("tiny")
+    w = {v.path: v.numpy() for v in a.weights}
+    assert not np.array_equal(w["s1b1_conv1/kernel"], w["s1b1_conv2/kernel"])   # same shape, own draw
+    assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
+    assert not np.array_equal(a.get_weights()[0], c.get_weights()[0])

@@ -16,7 +16,6 @@ SPECS = {  # block type, blocks per stage, base widths
     "resnet50": ("bottleneck", (3, 4, 6, 3), (64, 128, 256, 512)),
     "tiny": ("basic", (1, 1, 1, 1), (8, 16, 32, 64)),
 }
-_INIT = keras.initializers.VarianceScaling(2.0, "fan_out", "truncated_normal")
 
 
 def feature_dim(name: str, width: float = 1.0) -> int:
@@ -53,7 +52,10 @@ def _bn(sync, name, zero=False):
 
 
 def _conv(filters, k, stride, name):
-    return layers.Conv2D(filters, k, strides=stride, padding="same", use_bias=False, kernel_initializer=_INIT,
+    # a fresh initializer per layer: one shared Keras 3 initializer object draws the *same* kernel for every layer
+    # of the same shape, ignoring keras.utils.set_random_seed (He et al. fan-out normal, as torchvision's ResNet)
+    init = keras.initializers.VarianceScaling(2.0, "fan_out", "truncated_normal")
+    return layers.Conv2D(filters, k, strides=stride, padding="same", use_bias=False, kernel_initializer=init,
                          name=name)
 
 

@@ -1,8 +1,11 @@
-"""Weighted cosine kNN (Wu et al. 2018 InstDisc monitor, as in solo-learn): k neighbours, weights exp(s/τ).
+"""kNN classification of frozen features (METHODS.md, "Evaluation protocols").
 
-For a test feature x, the bank's k most cosine-similar features vote for their classes with weight exp(s/τ); classes
-are ranked by total weight. Test rows are processed in chunks so the similarity matrix never exceeds
-``chunk × bank`` floats (1024 × 1.28 M × 4 B ≈ 5 GB is the ImageNet worst case; lower ``chunk`` to fit).
+* Weighted cosine kNN (Wu et al. 2018 InstDisc monitor, as in solo-learn): the bank's k most cosine-similar
+  features vote for their classes with weight exp(s/τ); classes are ranked by total weight (k = 200, τ = 0.1).
+* Plain majority kNN (k = 20): one vote per neighbour; equal counts are ranked by the lower class index.
+
+Test rows are processed in chunks so the similarity matrix never exceeds ``chunk × bank`` floats (1024 × 1.28 M ×
+4 B ≈ 5 GB is the ImageNet worst case; lower ``chunk`` to fit).
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ def embed(backbone, dataset):
 
 
 def weighted_knn(bank, bank_labels, queries, num_classes, k=200, temperature=0.1, chunk=1024):
-    """Class ranking [N, C] (best first) of each query by exp(s/τ)-weighted votes of its k nearest bank rows."""
+    """Class ranking [N, C] (best first) of each query by exp(s/τ)-weighted votes of its k nearest bank rows.
+
+    ``temperature=None`` gives every neighbour one vote (majority kNN)."""
     bank = tf.math.l2_normalize(tf.constant(bank, tf.float32), axis=1)
     bank_labels = tf.constant(bank_labels, tf.int32)
     k = min(k, int(bank.shape[0]))
@@ -29,7 +34,8 @@ def weighted_knn(bank, bank_labels, queries, num_classes, k=200, temperature=0.1
     for start in range(0, len(queries), chunk):
         q = tf.math.l2_normalize(tf.constant(queries[start:start + chunk], tf.float32), axis=1)
         sims, idx = tf.math.top_k(tf.matmul(q, bank, transpose_b=True), k=k)
-        votes = tf.one_hot(tf.gather(bank_labels, idx), num_classes) * tf.exp(sims / temperature)[..., None]
+        weights = tf.ones_like(sims) if temperature is None else tf.exp(sims / temperature)
+        votes = tf.one_hot(tf.gather(bank_labels, idx), num_classes) * weights[..., None]
         scores = tf.reduce_sum(votes, axis=1)
         ranks.append(tf.argsort(scores, axis=1, direction="DESCENDING", stable=True).numpy())
     return np.concatenate(ranks) if ranks else np.zeros((0, num_classes), np.int64)
@@ -40,3 +46,11 @@ def knn_accuracy(bank, bank_labels, queries, query_labels, num_classes, k=200, t
     ranks = weighted_knn(bank, bank_labels, queries, num_classes, k, temperature, chunk)
     hit = ranks[:, :5] == np.asarray(query_labels)[:, None]
     return {"top1": float(np.mean(hit[:, 0])), "top5": float(np.mean(hit.any(axis=1)))}
+
+
+def knn_report(bank, bank_labels, queries, query_labels, num_classes, k=200, temperature=0.1, majority_k=20,
+               chunk=1024):
+    """Both kNN protocols: {"weighted": {top1, top5, k, temperature}, "majority": {top1, top5, k}}."""
+    weighted = knn_accuracy(bank, bank_labels, queries, query_labels, num_classes, k, temperature, chunk)
+    majority = knn_accuracy(bank, bank_labels, queries, query_labels, num_classes, majority_k, None, chunk)
+    return {"weighted": {**weighted, "k": k, "temperature": temperature}, "majority": {**majority, "k": majority_k}}
