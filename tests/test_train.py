@@ -59,8 +59,8 @@ def test_cli_pretrain_then_eval_knn_on_two_replicas(tmp_path, capsys):
     assert summary["replicas"] == 2 and summary["strategy"] == "MirroredStrategy"
     assert cli.main(["eval", "knn", "--workdir", workdir, "--set", "data.limit=384",
                      "--set", "data.test_limit=256"]) == 0
-    again = json.load(open(os.path.join(workdir, "summary.json")))
-    assert 0 <= again["knn"]["top1"] <= again["knn"]["top5"] <= 1
+    again = json.load(open(os.path.join(workdir, "summary.json")))["eval"]["knn"]["checkpoint"]
+    assert 0 <= again["weighted"]["top1"] <= again["weighted"]["top5"] <= 1
 
 
 def test_cli_errors_are_one_clear_line(tmp_path, capsys):

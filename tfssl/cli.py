@@ -24,11 +24,21 @@ def _parser():
     pre.add_argument("--workdir", default=None, help="output directory (default: runs/<recipe name>)")
     pre.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=SET_HELP)
 
-    ev = sub.add_parser("eval", help="evaluate a pretrained run (knn now; linear, semi, plot to come)",
-                        description="Evaluate the backbone of a finished run in --workdir.")
-    ev.add_argument("protocol", choices=["knn", "linear", "semi", "plot"])
+    ev = sub.add_parser("eval", help="offline evaluation: knn, linear, semi, plot; report prints them all",
+                        description="Evaluate the backbone of a run in --workdir (its checkpoint, an exported "
+                        "backbone, or a baseline) and store the figures in WORKDIR/summary.json under "
+                        "eval.<protocol>.<subject>. Quick runs: --set eval.epochs=5 --set data.limit=2000.")
+    ev.add_argument("protocol", choices=["knn", "linear", "semi", "plot", "report"],
+                    help="knn: weighted k=200 + majority k=20 kNN and collapse monitors; linear: linear probe on "
+                    "frozen features; semi: fine-tuning on 1%%/10%% labels; plot: t-SNE, retrieval grid, projector; "
+                    "report: print every stored figure, online and offline, side by side")
     ev.add_argument("--workdir", required=True, help="a run directory written by `tfssl pretrain`")
-    ev.add_argument("--checkpoint", default=None, help="weights file (default: WORKDIR/checkpoints/last.weights.h5)")
+    what = ev.add_mutually_exclusive_group()
+    what.add_argument("--checkpoint", default=None, help="weights file (default: WORKDIR/checkpoints/last.weights.h5)")
+    what.add_argument("--backbone", default=None, help="an exported backbone instead: export dir, .keras, SavedModel "
+                      "dir or .onnx (written by `tfssl export`)")
+    what.add_argument("--baseline", default=None, choices=["random_init", "pixels"],
+                      help="evaluate a reference instead: the untrained backbone or the raw pixels")
     ev.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=SET_HELP)
 
     ex = sub.add_parser("export", help="export the backbone to SavedModel / ONNX / .keras with a model card",
@@ -81,25 +91,65 @@ def _pretrain(args):
                   ("wall time", f"{s['wall_seconds']:.0f} s")]))
 
 
+def _eval_rows(protocol, r):
+    if protocol == "knn":
+        w, m, q = r["weighted"], r["majority"], r["quality"]
+        return [(f"kNN weighted (k={w['k']}, τ={w['temperature']}) top-1 / top-5",
+                 f"{_pct(w['top1'])} / {_pct(w['top5'])}"),
+                (f"kNN majority (k={m['k']}) top-1 / top-5", f"{_pct(m['top1'])} / {_pct(m['top5'])}"),
+                ("feature std (1/√D reference)", f"{q['std']:.4f} ({q['std_reference']:.4f})"),
+                ("effective rank", f"{q['effective_rank']:.1f}"),
+                ("alignment / uniformity", f"{q['alignment']:.4f} / {q['uniformity']:.4f}")]
+    if protocol == "linear":
+        return [("linear top-1 / top-5 (last epoch)", f"{_pct(r['top1'])} / {_pct(r['top5'])}"),
+                ("best validation epoch (val top-1)", f"{r.get('best_val_epoch')} ({_pct(r.get('best_val_top1'))})"),
+                ("test top-1 of the best-validation head", _pct(r.get("test_top1_at_best_val")))]
+    if protocol == "semi":
+        return [(f"fine-tuned on {k} labels ({v['labelled']} images, {v['epochs']} ep) top-1 / top-5",
+                 f"{_pct(v['top1'])} / {_pct(v['top5'])}"
+                 + (f"  (pseudo-labels {v['pseudo_labelled']}, {_pct(v['pseudo_accuracy'])} correct; "
+                    f"round 1 {_pct(v['first_round']['top1'])})" if "first_round" in v else ""))
+                for k, v in r.items() if isinstance(v, dict)]
+    return [("t-SNE", r["tsne"]), ("retrieval grid", r["retrieval"]),
+            ("TensorBoard images + projector", r["tensorboard"])]
+
+
+def _report(workdir):
+    """One row per figure, one column per evaluated subject (checkpoint, baselines, exported backbones)."""
+    path = os.path.join(workdir, "summary.json")
+    if not os.path.isfile(path):
+        from tfssl.eval.protocols import EvalError
+        raise EvalError(f"no summary.json in {workdir}; run `tfssl pretrain` / `tfssl eval` there first")
+    s = json.load(open(path))
+    cells = {"online probe top-1 (during pretraining)": {"checkpoint": _pct(s.get("probe_top1"))},
+             "online kNN top-1 (during pretraining)": {"checkpoint": _pct(s.get("knn_top1"))}}
+    subjects = ["checkpoint"]
+    for protocol, by_subject in s.get("eval", {}).items():
+        for subject, r in by_subject.items():
+            if protocol == "plot":
+                continue
+            subjects += [subject] if subject not in subjects else []
+            for k, v in _eval_rows(protocol, r):
+                cells.setdefault(k.split(" (")[0] + " top-1 / top-5" if protocol == "semi" else k, {})[subject] = v
+    width = max(len(k) for k in cells)
+    cols = [max(len(c), *(len(r.get(c, "")) for r in cells.values())) for c in subjects]
+    print(f"Evaluation of {workdir} ({s.get('method')} on {s.get('dataset')}); offline unless marked online")
+    print("  " + " " * width + "".join(f"  {c:<{w}}" for c, w in zip(subjects, cols)))
+    for k, r in cells.items():
+        print(f"  {k:<{width}}" + "".join(f"  {r.get(c, '—'):<{w}}" for c, w in zip(subjects, cols)))
+
+
 def _eval(args):
-    if args.protocol != "knn":
-        sys.exit(f"tfssl eval {args.protocol}: not available yet (evaluation suite, issue #6); `tfssl eval knn` works")
-    from tfssl import config, data, methods
-    from tfssl.eval.knn import embed, knn_accuracy
-    from tfssl.train import update_summary
-    cfg = config.load(os.path.join(args.workdir, "config.yaml"), args.set)
-    ckpt = args.checkpoint or os.path.join(args.workdir, "checkpoints", "last.weights.h5")
-    if not os.path.isfile(ckpt):
-        raise config.ConfigError(f"checkpoint not found: {ckpt}; run `tfssl pretrain` with --workdir {args.workdir}")
-    source = data.load_source(cfg.data)
-    model = methods.build(cfg, source.num_classes, source.mean, source.std)
-    model.load_weights(ckpt)
-    bank, bank_y = embed(model.backbone, data.eval_pipeline(source.train, 256))
-    test, test_y = embed(model.backbone, data.eval_pipeline(source.test, 256))
-    res = knn_accuracy(bank, bank_y, test, test_y, source.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature)
-    update_summary(args.workdir, knn={"checkpoint": ckpt, "k": cfg.eval.knn_k, **res})
-    print(_table([(f"kNN top-1 (k={cfg.eval.knn_k}, τ={cfg.eval.knn_temperature})", _pct(res["top1"])),
-                  ("kNN top-5", _pct(res["top5"]))]))
+    if args.protocol == "report":
+        return _report(args.workdir)
+    from tfssl.eval import protocols
+    subject = protocols.open_subject(args.workdir, args.checkpoint, args.backbone, args.baseline, args.set)
+    print(f"tfssl eval {args.protocol}: {subject.name} ({subject.origin}) on {subject.source.name}, "
+          f"{subject.source.num_train} train / {subject.source.num_test} held-out images")
+    fn = protocols.PROTOCOLS[args.protocol]
+    result = fn(subject) if args.protocol in ("knn", "plot") else fn(subject, log=print)
+    protocols.record(subject, args.protocol, result)
+    print(_table(_eval_rows(args.protocol, result)))
 
 
 def _export(args):
@@ -143,6 +193,7 @@ def main(argv=None):
     from tfssl.callbacks import NonFiniteLoss
     from tfssl.export import ExportError
     from tfssl.zoo import ZooError
+    from tfssl.eval.protocols import EvalError
     try:
         if args.command == "pretrain":
             _pretrain(args)
@@ -156,7 +207,7 @@ def main(argv=None):
             _export(args)
         elif args.command == "zoo":
             _zoo(args)
-    except (ConfigError, DataError, NonFiniteLoss, ExportError, ZooError) as e:
+    except (ConfigError, DataError, NonFiniteLoss, ExportError, ZooError, EvalError) as e:
         print(f"tfssl {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

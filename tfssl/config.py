@@ -81,7 +81,22 @@ class EvalConfig:
     knn_k: int = 200
     knn_temperature: float = 0.1
     knn_train_limit: Optional[int] = None   # memory bank size for the kNN monitor (None = all training images)
-    epochs: int = 10
+    majority_k: int = 20                    # plain majority-vote kNN (tfssl eval knn)
+    epochs: Optional[int] = None            # epochs of tfssl eval linear/semi (None: the protocol's own)
+    batch_size: int = 256                   # embedding batch of every protocol
+    val_fraction: float = 0.1               # linear: validation split carved from train (never the test set)
+    linear_preset: str = "small"            # small | moco | simclr (tfssl.eval.linear.PRESETS)
+    linear_augment: bool = False            # linear: fresh crop+flip views each epoch (paper path) vs cached features
+    semi_fractions: List[float] = field(default_factory=lambda: [0.01, 0.1])
+    semi_head_lr: float = 0.1               # fine-tuning: head lr; backbone lr = semi_backbone_ratio × head lr
+    semi_backbone_ratio: float = 0.1
+    semi_batch_size: int = 256
+    semi_weight_decay: float = 5e-4
+    pseudo_label: bool = False              # semi: add an entropy-filtered pseudo-label round (CsMl protocol)
+    pseudo_entropy: float = 0.5             # keep unlabelled images whose prediction entropy (nats) is below this
+    plot_limit: int = 2000                  # t-SNE / projector points (held-out images)
+    retrieval_queries: int = 8
+    seed: int = 0
 
 
 @dataclass
@@ -105,6 +120,7 @@ CHOICES = {
     ("train", "lr_scaling"): ["linear", "sqrt", "none"],
     ("train", "precision"): ["float32", "mixed_bfloat16", "mixed_float16"],
     ("distribute", "strategy"): ["default", "mirrored", "multi_worker", "tpu"],
+    ("eval", "linear_preset"): ["small", "moco", "simclr"],
 }
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig, "train": TrainConfig,

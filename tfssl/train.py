@@ -1,7 +1,8 @@
 """The pretraining job: config → strategy → data → views → method → ``model.fit`` → kNN/probe → summary.json.
 
 Everything the job writes lives in ``workdir``: ``config.yaml`` (resolved recipe), ``checkpoints/last.weights.h5``
-(every epoch, atomic), ``tensorboard/`` (losses, lr, momentum, probe, kNN, z_std) and ``summary.json``.
+(every epoch, atomic), ``tensorboard/`` (losses, lr, momentum, probe, kNN, z_std, collapse monitors ``emb_*``) and
+``summary.json``.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import tensorflow as tf
 
 from tfssl import __version__, callbacks, config, data, distribute, methods
 from tfssl.eval.knn import embed
+from tfssl.eval.monitors import CollapseMonitor
 from tfssl.optim import SGD, build_optimizer
 
 
@@ -82,6 +84,9 @@ def pretrain(cfg: config.Config, workdir: str, log=print):
                                    source.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature,
                                    cfg.train.knn_every, cfg.train.epochs)
         cbs.append(knn)
+    if source.test is not None:   # collapse monitors (emb_std, emb_effective_rank, …); before TensorBoard
+        cbs.append(CollapseMonitor(data.eval_pipeline(source.test, 256), every=cfg.train.knn_every, batches=8,
+                                   views=lambda x: views(x)[:2]))
     checkpoint = callbacks.AtomicCheckpoint(os.path.join(workdir, "checkpoints"))
     cbs += [checkpoint, keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard"), write_graph=False)]
 

@@ -16,8 +16,11 @@ from tfssl.data import label_fraction
 from tfssl.optim import SGD, WarmupCosine
 
 
-def labelled_subset(dataset, fraction, seed=0):
-    """(images uint8 [n,...], labels [n]) of a stratified ``fraction`` of a {"image","label"} dataset (seeded)."""
+def labelled_subset(dataset, fraction, seed=0, with_rest=False):
+    """(images uint8 [n,...], labels [n]) of a stratified ``fraction`` of a {"image","label"} dataset (seeded).
+
+    ``with_rest``: also return (images, labels) of every other labelled image (the "unlabelled" pool; its labels
+    are only for measuring pseudo-label accuracy)."""
     images, labels = [], []
     for batch in dataset.batch(4096):
         images.append(batch["image"].numpy())
@@ -26,13 +29,19 @@ def labelled_subset(dataset, fraction, seed=0):
     keep = labels >= 0
     images, labels = images[keep], labels[keep]
     idx = label_fraction(labels, fraction, seed)
-    return images[idx], labels[idx]
+    if not with_rest:
+        return images[idx], labels[idx]
+    rest = np.setdiff1d(np.arange(len(labels)), idx)
+    return images[idx], labels[idx], images[rest], labels[rest]
 
 
 def finetune(backbone, images, labels, test_ds, num_classes, augment=None, epochs=30, batch_size=256,
-             head_lr=0.1, backbone_lr=None, weight_decay=5e-4, momentum=0.9, seed=0, log=None):
+             head_lr=0.1, backbone_lr=None, weight_decay=5e-4, momentum=0.9, seed=0, log=None,
+             return_predictor=False):
     """Fine-tune a *copy* of ``backbone`` plus a Dense head on (images uint8, labels); returns test top-1/top-5.
 
+    ``return_predictor``: return ``(result, predict)`` where ``predict(uint8 images) → class probabilities``
+    (numpy, inference mode) uses the fine-tuned network.
     ``augment``: a layer mapping float images in [0,1] to augmented ones (e.g. ``tfssl.views.view("weak", …)``:
     random resized crop + flip), or None. ``test_ds`` yields (float images in [0,1], labels) batches.
     """
@@ -61,7 +70,8 @@ def finetune(backbone, images, labels, test_ds, num_classes, augment=None, epoch
             loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(y, tf.int32), logits))
         grads = tape.gradient(loss, net.trainable_variables + head.trainable_variables)
         n = len(net.trainable_variables)
-        opt_b.apply_gradients(zip(grads[:n], net.trainable_variables))
+        if n:                          # the raw-pixel baseline has no backbone weights
+            opt_b.apply_gradients(zip(grads[:n], net.trainable_variables))
         opt_h.apply_gradients(zip(grads[n:], head.trainable_variables))
         return loss
 
@@ -80,6 +90,42 @@ def finetune(backbone, images, labels, test_ds, num_classes, augment=None, epoch
         hits1 += int(np.sum(top5[:, 0] == y))
         hits5 += int(np.sum((top5 == y[:, None]).any(axis=1)))
         count += len(y)
-    return {"top1": hits1 / max(count, 1), "top5": hits5 / max(count, 1), "epochs": epochs,
-            "labelled": int(len(images)), "head_lr": head_lr, "backbone_lr": backbone_lr,
-            "weight_decay": weight_decay, "final_train_loss": float(np.mean(losses)) if epochs else None}
+    result = {"top1": hits1 / max(count, 1), "top5": hits5 / max(count, 1), "epochs": epochs,
+              "labelled": int(len(images)), "head_lr": head_lr, "backbone_lr": backbone_lr,
+              "weight_decay": weight_decay, "final_train_loss": float(np.mean(losses)) if epochs else None}
+    if not return_predictor:
+        return result
+
+    def probabilities(uint8_images, chunk=1024):
+        return np.concatenate([tf.nn.softmax(predict(tf.cast(uint8_images[i:i + chunk], tf.float32) / 255.0)).numpy()
+                               for i in range(0, len(uint8_images), chunk)]) if len(uint8_images) else \
+            np.zeros((0, num_classes), np.float32)
+    return result, probabilities
+
+
+def prediction_entropy(probabilities):
+    """Shannon entropy (nats) of each row of class probabilities [N, C] → [N] (0·log 0 = 0)."""
+    p = np.asarray(probabilities, np.float64)
+    return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)
+
+
+def pseudo_label_finetune(backbone, images, labels, train_ds, test_ds, num_classes, fraction, entropy=0.5,
+                          seed=0, log=None, **kw):
+    """CsMl's semi-supervised protocol (METHODS.md CsMl 7): fine-tune on the labelled ``images``, predict the
+    unlabelled rest of ``train_ds`` (every image outside the seeded ``fraction`` subset), keep the predictions whose
+    entropy is below ``entropy`` nats as pseudo-labels, then fine-tune again — from the pretrained ``backbone``,
+    not the first round's weights — on labelled + pseudo-labelled images. The true labels of the unlabelled images
+    only measure ``pseudo_accuracy``; they never reach training. ``kw`` go to :func:`finetune` (both rounds)."""
+    _, _, rest, rest_truth = labelled_subset(train_ds, fraction, seed, with_rest=True)
+    first, predict = finetune(backbone, images, labels, test_ds, num_classes, seed=seed, log=log,
+                              return_predictor=True, **kw)
+    probs = predict(rest)
+    keep = prediction_entropy(probs) < entropy
+    pseudo = np.argmax(probs, axis=1)[keep]
+    if log:
+        log(f"pseudo-labels: {int(keep.sum())} of {len(rest)} unlabelled images below entropy {entropy}")
+    second = finetune(backbone, np.concatenate([images, rest[keep]]), np.concatenate([labels, pseudo]), test_ds,
+                      num_classes, seed=seed, log=log, **kw)
+    return {**second, "first_round": {"top1": first["top1"], "top5": first["top5"]}, "entropy_threshold": entropy,
+            "pseudo_labelled": int(keep.sum()), "unlabelled": int(len(rest)),
+            "pseudo_accuracy": float(np.mean(pseudo == rest_truth[keep])) if keep.any() else None}
