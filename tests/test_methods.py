@@ -15,7 +15,8 @@ B = 8
 CASES = [("ressl", dict(queue_size=32)), ("ressl", dict(queue_size=32, crop_sizes=[16, 24])),
          ("simclr", dict(temperature=0.5)), ("mocov2", dict(queue_size=32)),
          ("mocov2", dict(queue_size=32, symmetric=True)), ("wcl", dict()),
-         ("wcl", dict(knn_crops=3, knn_crop_size=16, knn_crops_keep=2))]
+         ("wcl", dict(knn_crops=3, knn_crop_size=16, knn_crops_keep=2)), ("csml", dict(queue_size=32)),
+         ("csml", dict(queue_size=32, cross_warmup_epochs=0, levels=[3, 4]))]
 
 
 def _views(cfg, seed=0):
@@ -32,6 +33,9 @@ def _views(cfg, seed=0):
         crops = [tf.image.resize(views[0], (s, s)).numpy() + 0.5 * (c + 1) * rng.standard_normal((B, s, s, 3))
                  for c, s in enumerate(sizes[2:])]
         views = views[:2] + tuple(c.astype("float32") for c in crops)
+    if cfg.method.method_name == "csml":   # (q_i, k_i, q_j, k_j, q_mix) and λ′ per row, as pair_pipeline gives
+        views = tuple(rng.uniform(0, 1, (B, 32, 32, 3)).astype("float32") for _ in range(5))
+        views += (np.full(B, rng.uniform(0.2, 0.9), "float32"),)
     return views, rng.integers(0, 10, B).astype("int32")
 
 
@@ -113,6 +117,10 @@ def test_two_replicas_equal_one(name, params, mirrored):
         assert int(two.queue_ptr.numpy()) == int(one.queue_ptr.numpy()) == rows % cfg.method.queue_size
         for values in mirrored.experimental_local_results(two.queue):  # every replica holds the same queue
             np.testing.assert_allclose(values.numpy(), one.queue.numpy(), atol=1e-4)
+        if getattr(one, "multi_level", False):                         # CsMl's stage-3 queue
+            assert int(two.queue3_ptr.numpy()) == int(one.queue3_ptr.numpy()) == rows % cfg.method.queue_size
+            for values in mirrored.experimental_local_results(two.queue3):
+                np.testing.assert_allclose(values.numpy(), one.queue3.numpy(), atol=1e-4)
 
 
 def _assert_same_weights(one, two, atol):

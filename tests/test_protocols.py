@@ -121,6 +121,11 @@ def test_semi_fractions_and_cli_report(run, capsys):
     for subject in ("checkpoint", "pixels"):
         r = got[subject]["10%"]
         assert r["labelled"] == expected and r["epochs"] == 1 and 0 <= r["top1"] <= r["top5"] <= 1
+    assert cli.main(["eval", "semi", "--workdir", run, "--set", "eval.pseudo_label=true"] + sets) == 0
+    both = _summary(run)["eval"]["semi"]["checkpoint"]                  # merged: the plain result is kept
+    assert both["10%"]["labelled"] == expected and "first_round" not in both["10%"]
+    pseudo = both["10% + pseudo-labels"]
+    assert pseudo["unlabelled"] == 256 - expected and pseudo["labelled"] == expected + pseudo["pseudo_labelled"]
     assert protocols.semi_epochs(0.01) == 60 and protocols.semi_epochs(0.1) == 30 and protocols.semi_epochs(0.1, 2) == 2
     capsys.readouterr()
     assert cli.main(["eval", "report", "--workdir", run]) == 0

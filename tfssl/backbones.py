@@ -71,7 +71,7 @@ def _block(x, kind, filters, stride, sync, name):
         y = layers.ReLU()(_bn(sync, name + "_bn1")(_conv(filters, 1, 1, name + "_conv1")(x)))
         y = layers.ReLU()(_bn(sync, name + "_bn2")(_conv(filters, 3, stride, name + "_conv2")(y)))
         y = _bn(sync, name + "_bn3")(_conv(out_ch, 1, 1, name + "_conv3")(y))
-    return layers.ReLU()(layers.Add()([shortcut, y]))
+    return layers.ReLU(name=name + "_out")(layers.Add()([shortcut, y]))
 
 
 def build_backbone(name="resnet18", cifar_stem=True, width=1.0, sync_bn=False, channels=3,
@@ -102,6 +102,28 @@ def build_backbone(name="resnet18", cifar_stem=True, width=1.0, sync_bn=False, c
             stage3 = x
     pooled = layers.GlobalAveragePooling2D(name="pool")(x)
     return keras.Model(inputs, (pooled, stage3) if with_stage3 else pooled, name=model_name)
+
+
+def stage3_model(backbone, model_name=None):
+    """A model sharing ``backbone``'s layers that returns (pooled features, stage-3 feature map)."""
+    s3 = max((l.name for l in backbone.layers if l.name.startswith("s3b") and l.name.endswith("_out")),
+             key=lambda n: int(n[3:-4]))
+    return keras.Model(backbone.input, (backbone.outputs[0], backbone.get_layer(s3).output),
+                       name=model_name or backbone.name + "_levels")
+
+
+def build_stage_head(name, width=1.0, blocks=2, sync_bn=False, channels=None, model_name="stage3_head"):
+    """CsMl's stage-3 head (reconstructed, METHODS.md CsMl 6): a slim copy of stage 4 — ``blocks`` blocks of the
+    backbone's kind at stage-4 width, the first with stride 2 — then global average pooling.
+
+    ``channels``: the stage-3 map's channels (default: the backbone's). Returns pooled [B, feature_dim]."""
+    kind, _, widths = SPECS[name]
+    c3 = channels or int(widths[2] * width) * (4 if kind == "bottleneck" else 1)
+    inputs = keras.Input((None, None, c3), name="stage3")
+    x = inputs
+    for i in range(blocks):
+        x = _block(x, kind, int(widths[3] * width), 2 if i == 0 else 1, sync_bn, f"{model_name}_b{i + 1}")
+    return keras.Model(inputs, layers.GlobalAveragePooling2D(name=f"{model_name}_pool")(x), name=model_name)
 
 
 def build_mlp(dims, batch_norm=False, last_bn=False, sync_bn=False, name="projector"):

@@ -13,7 +13,7 @@ SET_HELP = ("override a recipe key, repeatable: --set train.epochs=5 --set data.
 
 def _parser():
     p = argparse.ArgumentParser(prog="tfssl", description="Self-supervised visual representation learning "
-                                "(ReSSL, WCL, SimCLR, MoCo v2; CsMl to come) with Keras 3 / TensorFlow.")
+                                "(ReSSL, WCL, CsMl, SimCLR, MoCo v2) with Keras 3 / TensorFlow.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     pre = sub.add_parser("pretrain", help="pretrain a backbone, then report kNN and probe accuracy",
@@ -105,7 +105,8 @@ def _eval_rows(protocol, r):
                 ("best validation epoch (val top-1)", f"{r.get('best_val_epoch')} ({_pct(r.get('best_val_top1'))})"),
                 ("test top-1 of the best-validation head", _pct(r.get("test_top1_at_best_val")))]
     if protocol == "semi":
-        return [(f"fine-tuned on {k} labels ({v['labelled']} images, {v['epochs']} ep) top-1 / top-5",
+        name = lambda k: k.replace(" + pseudo", " labels + pseudo") if "pseudo" in k else k + " labels"
+        return [(f"fine-tuned on {name(k)} ({v['labelled']} images, {v['epochs']} ep) top-1 / top-5",
                  f"{_pct(v['top1'])} / {_pct(v['top5'])}"
                  + (f"  (pseudo-labels {v['pseudo_labelled']}, {_pct(v['pseudo_accuracy'])} correct; "
                     f"round 1 {_pct(v['first_round']['top1'])})" if "first_round" in v else ""))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -39,6 +39,7 @@ class Source:
     mean: tuple = (0.5, 0.5, 0.5)
     std: tuple = (0.5, 0.5, 0.5)
     skipped_corrupt: int = 0
+    lookup: Optional[Callable] = None   # random access to train: int64 index → {"image", "label"} (see indexed())
 
 
 def _read_idx(path):
@@ -83,8 +84,10 @@ def _from_arrays(x, y, cfg):
         x = np.clip(np.round(x * 255.0 if x.max() <= 1.0 else x), 0, 255).astype(np.uint8)
     y = np.full([len(x)], -1, np.int32) if y is None else np.asarray(y, np.int32)
     ds = tf.data.Dataset.from_tensor_slices({"image": x, "label": y})
+    xt, yt = tf.constant(x), tf.constant(y)
+    lookup = lambda i: {"image": _prepare(tf.gather(xt, i), cfg.image_size, cfg.channels), "label": tf.gather(yt, i)}
     return ds.map(lambda e: {"image": _prepare(e["image"], cfg.image_size, cfg.channels), "label": e["label"]},
-                  num_parallel_calls=AUTOTUNE), len(x)
+                  num_parallel_calls=AUTOTUNE), len(x), lookup
 
 
 def from_numpy(x_train, y_train, x_test=None, y_test=None, cfg=None, name="numpy", mean=None, std=None):
@@ -96,13 +99,13 @@ def from_numpy(x_train, y_train, x_test=None, y_test=None, cfg=None, name="numpy
         y_train = None if y_train is None else y_train[:cfg.limit]
     if x_test is not None and cfg.test_limit:
         x_test, y_test = x_test[:cfg.test_limit], None if y_test is None else y_test[:cfg.test_limit]
-    train, n = _from_arrays(x_train, y_train, cfg)
-    test, n_test = _from_arrays(x_test, y_test, cfg) if x_test is not None else (None, 0)
+    train, n, lookup = _from_arrays(x_train, y_train, cfg)
+    test, n_test, _ = _from_arrays(x_test, y_test, cfg) if x_test is not None else (None, 0, None)
     labels = [l for l in (y_train, y_test) if l is not None]
     k = int(max(int(np.max(l)) for l in labels) + 1) if labels else 0
     mean = mean or (float(np.mean(x_train) / (255.0 if np.asarray(x_train).dtype == np.uint8 else 1.0)),) * 3
     std = std or (float(np.std(x_train) / (255.0 if np.asarray(x_train).dtype == np.uint8 else 1.0)),) * 3
-    return Source(train, test, n, n_test, k, name, tuple(mean), tuple(std))
+    return Source(train, test, n, n_test, k, name, tuple(mean), tuple(std), lookup=lookup)
 
 
 def _fashion_mnist(cfg):
@@ -180,18 +183,19 @@ def _folder_split(root, cfg, limit):
         image.set_shape([None, None, 3])
         return {"image": _prepare(image, cfg.image_size, cfg.channels), "label": label}
     ds = tf.data.Dataset.from_tensor_slices((paths, labels)).map(decode, AUTOTUNE).ignore_errors()
-    return ds, len(paths), len(classes), len(corrupt)
+    pt, lt = tf.constant(paths or [""]), tf.constant(labels)
+    return ds, len(paths), len(classes), len(corrupt), lambda i: decode(tf.gather(pt, i), tf.gather(lt, i))
 
 
 def _folder(cfg):
     if not cfg.path:
         raise DataError("data.name=folder needs data.path=DIR (one sub-folder per class, or flat)")
-    train, n, k, bad = _folder_split(cfg.path, cfg, cfg.limit)
+    train, n, k, bad, lookup = _folder_split(cfg.path, cfg, cfg.limit)
     test, n_test, bad_test = None, 0, 0
     if cfg.test_path:
-        test, n_test, _, bad_test = _folder_split(cfg.test_path, cfg, cfg.test_limit)
+        test, n_test, _, bad_test, _ = _folder_split(cfg.test_path, cfg, cfg.test_limit)
     mean, std = IMAGENET_STATS
-    return Source(train, test, n, n_test, k, "folder", mean, std, skipped_corrupt=bad + bad_test)
+    return Source(train, test, n, n_test, k, "folder", mean, std, skipped_corrupt=bad + bad_test, lookup=lookup)
 
 
 def _numpy_file(cfg):
@@ -237,6 +241,62 @@ def train_pipeline(ds, batch_size, views=None, seed=None, shuffle_buffer=10000, 
         ds = ds.map(lambda e: {"views": views(e["image"]), "label": e["label"]}, num_parallel_calls=AUTOTUNE,
                     deterministic=seed is not None)
     return ds.prefetch(AUTOTUNE)
+
+
+def indexed(source, max_bytes=2 ** 31):
+    """Random access to ``source.train`` (index → {"image", "label"}), as CsMl's pairs need.
+
+    In-memory arrays (Fashion-MNIST, numpy) and image folders have it; another source (TFDS) is read into memory
+    once if its images take at most ``max_bytes``, else a :class:`DataError` says how to convert it.
+    """
+    if source.lookup is not None:
+        return source.lookup
+    spec = source.train.element_spec["image"]
+    size = source.num_train * int(np.prod(spec.shape))
+    if size > max_bytes:
+        raise DataError(f"{source.name}: {source.num_train} training images ({size / 1e9:.1f} GB) are too many to "
+                        f"hold in memory for random access (neighbour pairs); export them to an image folder "
+                        f"and use data.name=folder")
+    images, labels = [], []
+    for batch in source.train.batch(4096):
+        images.append(batch["image"].numpy())
+        labels.append(batch["label"].numpy())
+    xt, yt = tf.constant(np.concatenate(images)), tf.constant(np.concatenate(labels))
+    source.lookup = lambda i: {"image": tf.gather(xt, i), "label": tf.gather(yt, i)}
+    return source.lookup
+
+
+def pair_pipeline(source, table, views, batch_size, mix, seed=0, start_step=0):
+    """CsMl's batches (METHODS.md CsMl 2–3): every anchor i with a neighbour j drawn uniformly from ``table[i]``.
+
+    ``table`` is the int32 [N, k] neighbour table (a host ``tf.Variable``; the :class:`tfssl.mining.NeighbourMiner`
+    rewrites it, and every draw reads its current value — batches already prefetched keep the previous table).
+    The draw is seeded by (``seed``, element count), so a run is repeatable. ``views`` makes a (query, key) pair of
+    each image; ``mix(q_anchor, q_neighbour, seed) → (mixed, λ′)`` is CsMl's CutMix, one box per global batch.
+    Yields ``{"views": (q_i, k_i, q_j, k_j, q_mix, λ′ per row [B]), "label": anchor labels}``.
+    """
+    lookup = indexed(source)
+    n, k = int(table.shape[0]), int(table.shape[1])
+    if n != source.num_train:
+        raise DataError(f"the neighbour table has {n} rows but {source.name} has {source.num_train} training images")
+    seed = int(seed or 0)
+
+    def pair(count, i):
+        draw = tf.random.stateless_uniform([], tf.stack([tf.constant(seed, tf.int64), count]), 0, k, tf.int64)
+        j = tf.cast(tf.gather(table[i], draw), tf.int64)
+        a, b = lookup(i), lookup(j)
+        return {"anchor": a["image"], "neighbour": b["image"], "label": a["label"]}
+
+    def make_views(step, e):
+        qi, ki = views(e["anchor"])[:2]
+        qj, kj = views(e["neighbour"])[:2]
+        qm, lam = mix(qi, qj, tf.stack([tf.constant(seed, tf.int64), step]))
+        return {"views": (qi, ki, qj, kj, qm, tf.fill([batch_size], lam)), "label": e["label"]}
+
+    ds = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.enumerate(start=start_step * batch_size).map(pair, AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=True).enumerate(start=start_step)
+    return ds.map(make_views, AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
 
 
 def eval_pipeline(ds, batch_size):

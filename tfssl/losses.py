@@ -225,3 +225,35 @@ def knn_crop_terms(u, s, anchor, owner, z_all, h1_all, h2_all, labels1, labels2,
              + sup_contrastive_terms(s, tf.stop_gradient(h2_all), tf.gather(labels1, rows), labels1,
                                      graph_temperature)) / 2.0
     return instance + graph, tf.reshape(kept, [-1])
+
+
+# ----------------------------------------------------------------------------------------------------- CsMl
+def csml_terms(qi, qj, qm, ki, kj, queue, temperature, w0, w1, lam_prime):
+    """CsMl loss per anchor (METHODS.md CsMl step 5), with ℓ(q, k) = :func:`info_nce_terms` (queue as negatives):
+
+    L = [w0·ℓ(qi,ki) + w1·ℓ(qi,kj) + w0·ℓ(qj,kj) + w1·ℓ(qj,ki) + λ′·ℓ(qm,ki) + (1−λ′)·ℓ(qm,kj)] / 3.
+
+    qi, qj, qm [B,D]: student embeddings of the anchor's, the neighbour's and the CutMix view (:mod:`tfssl.cutmix`);
+    ki, kj [B,D]: teacher keys of the anchor and the neighbour; queue [K,D]; all L2-normalised. Keys and queue carry
+    no gradient (stopped here). (w0, w1) = (1, 0) during the warm-up epochs 0–10, (0.5, 0.5) afterwards; the mix term
+    is on from epoch 0 with λ′ = the anchor's kept pixel fraction. w0, w1, lam_prime: python floats or scalar
+    tensors. Only ki is enqueued afterwards — by the method, not here. Returns [B] in the dtype of qi.
+    """
+    ki, kj, queue = tf.stop_gradient(ki), tf.stop_gradient(kj), tf.stop_gradient(queue)
+    # dtype_hint: a python float goes straight to qi's dtype (tf.cast would round it through float32 first)
+    w0, w1, lam = (tf.cast(tf.convert_to_tensor(w, dtype_hint=qi.dtype), qi.dtype) for w in (w0, w1, lam_prime))
+
+    def ell(q, k):
+        return info_nce_terms(q, k, queue, temperature)
+
+    total = (w0 * ell(qi, ki) + w1 * ell(qi, kj) + w0 * ell(qj, kj) + w1 * ell(qj, ki)
+             + lam * ell(qm, ki) + (1.0 - lam) * ell(qm, kj))
+    return total / 3.0
+
+
+def csml_loss(qi, qj, qm, ki, kj, queue, temperature, w0, w1, lam_prime):
+    """CsMl loss (METHODS.md CsMl step 5): batch mean of :func:`csml_terms` (the released recipe uses τ = 0.2).
+
+    No defaults: the phase weights (w0, w1) and λ′ change during training and must be passed explicitly.
+    """
+    return tf.reduce_mean(csml_terms(qi, qj, qm, ki, kj, queue, temperature, w0, w1, lam_prime))

@@ -66,17 +66,16 @@ def pretrain(cfg: config.Config, workdir: str, log=print):
         f"{replicas} replica(s) [{type(strategy).__name__}]")
 
     views = methods.views_for(cfg, steps)
-    pipeline = data.train_pipeline(source.train, cfg.train.batch_size, None if cfg.augment.on_device else views,
-                                   seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer)
     with strategy.scope():
         model = methods.build(cfg, source.num_classes, source.mean, source.std, total,
-                              on_device_views=views if cfg.augment.on_device else None)
+                              on_device_views=views if cfg.augment.on_device else None, steps_per_epoch=steps)
         model.compile(build_optimizer(cfg.train, total, steps),
                       probe_optimizer=SGD(cfg.train.probe_lr, momentum=0.9, name="probe_sgd"),
                       jit_compile=cfg.train.jit_compile)
+    pipeline = model.make_pipeline(source, views, cfg)
 
     timer = callbacks.Throughput(cfg.train.batch_size)
-    cbs = [timer, callbacks.StopOnNonFinite()]
+    cbs = [timer, callbacks.StopOnNonFinite()] + model.job_callbacks(source, cfg, log)
     knn = None
     if source.test is not None and source.num_classes:
         bank = source.train.take(cfg.eval.knn_train_limit) if cfg.eval.knn_train_limit else source.train
@@ -109,6 +108,6 @@ def pretrain(cfg: config.Config, workdir: str, log=print):
         knn_top1=figures.get("knn_top1"), knn_top5=figures.get("knn_top5"), probe_top1=figures.get("probe_top1"),
         probe_train_top1=figures.get("probe_acc"), final_loss=figures.get("loss"),
         history={k: [float(x) for x in v] for k, v in history.history.items()},
-        checkpoint=checkpoint.path, versions={"tfssl": __version__, "tensorflow": tf.__version__,
+        checkpoint=checkpoint.path, **model.job_summary(), versions={"tfssl": __version__, "tensorflow": tf.__version__,
                                               "keras": keras.__version__, "python": platform.python_version()})
     return summary

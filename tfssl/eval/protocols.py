@@ -173,7 +173,8 @@ def run_semi(subject, log=None):
                                              src.num_classes, fraction, entropy=e.pseudo_entropy, **kw)
         else:
             res = semi.finetune(subject.keras_model, images, labels, test, src.num_classes, **kw)
-        out[f"{100 * fraction:g}%"] = {"fraction": fraction, **res}
+        key = f"{100 * fraction:g}%" + (" + pseudo-labels" if e.pseudo_label else "")
+        out[key] = {"fraction": fraction, **res}
     return out
 
 
@@ -203,10 +204,12 @@ PROTOCOLS = {"knn": run_knn, "linear": run_linear, "semi": run_semi, "plot": run
 
 
 def record(subject, protocol, result):
-    """Store ``result`` under ``summary.json["eval"][protocol][subject.name]`` (atomic rewrite); returns it."""
+    """Merge ``result`` into ``summary.json["eval"][protocol][subject.name]`` (atomic rewrite; keys of earlier
+    results that this one does not have, e.g. other label fractions, are kept); returns it."""
     from tfssl.train import update_summary
     path = os.path.join(subject.workdir, "summary.json")
     evals = (json.load(open(path)) if os.path.isfile(path) else {}).get("eval", {})
-    evals.setdefault(protocol, {})[subject.name] = {"origin": subject.origin, **result}
+    by_subject = evals.setdefault(protocol, {})
+    by_subject[subject.name] = {**by_subject.get(subject.name, {}), "origin": subject.origin, **result}
     update_summary(subject.workdir, eval=evals)
     return result

@@ -1,11 +1,12 @@
 """Self-supervised methods, one file each; :data:`METHODS` maps a recipe's ``method.name`` to its class."""
 from tfssl.methods.base import SSLMethod
+from tfssl.methods.csml import CsMl
 from tfssl.methods.mocov2 import MoCoV2
 from tfssl.methods.ressl import ReSSL
 from tfssl.methods.simclr import SimCLR
 from tfssl.methods.wcl import WCL
 
-METHODS = {cls.method_name: cls for cls in (ReSSL, SimCLR, MoCoV2, WCL)}
+METHODS = {cls.method_name: cls for cls in (ReSSL, SimCLR, MoCoV2, WCL, CsMl)}
 
 
 def views_for(cfg, steps_per_epoch=None):
@@ -25,11 +26,12 @@ def views_for(cfg, steps_per_epoch=None):
                              warmup_recipes=cls.warmup_view_recipes, warmup_steps=warmup_steps)
 
 
-def build(cfg, num_classes=0, mean=(0.5,) * 3, std=(0.5,) * 3, total_steps=1, on_device_views=None):
+def build(cfg, num_classes=0, mean=(0.5,) * 3, std=(0.5,) * 3, total_steps=1, on_device_views=None,
+          steps_per_epoch=None):
     """The method model of a :class:`tfssl.config.Config` (call under the strategy's scope)."""
     cls = METHODS[type(cfg.method).method_name]
     return cls(cfg.method, cfg.model, num_classes=num_classes, channels=cfg.data.channels, mean=mean, std=std,
-               views=on_device_views, total_steps=total_steps, seed=cfg.train.seed)
+               views=on_device_views, total_steps=total_steps, seed=cfg.train.seed, steps_per_epoch=steps_per_epoch)
 
 
-__all__ = ["METHODS", "SSLMethod", "ReSSL", "SimCLR", "MoCoV2", "WCL", "build", "views_for"]
+__all__ = ["METHODS", "SSLMethod", "ReSSL", "SimCLR", "MoCoV2", "WCL", "CsMl", "build", "views_for"]

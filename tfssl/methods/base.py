@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfssl import distribute
+from tfssl import data, distribute
 from tfssl.backbones import build_backbone, build_mlp, feature_dim
 from tfssl.optim import SGD
 
@@ -41,10 +41,11 @@ class SSLMethod(keras.Model):
     label_metric_names = ()      # scalars of :meth:`label_metrics` (need the monitoring labels)
 
     def __init__(self, params, model_cfg, num_classes=0, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3, views=None,
-                 total_steps=1, seed=0, **kw):
+                 total_steps=1, seed=0, steps_per_epoch=None, **kw):
         super().__init__(name=kw.pop("name", self.method_name), **kw)
         self.params, self.model_cfg, self.num_classes = params, model_cfg, num_classes
         self.total_steps, self.seed = max(1, int(total_steps)), seed
+        self.steps_per_epoch = int(steps_per_epoch or self.total_steps)
         self.views = views
         self._bb_args = dict(name=model_cfg.backbone, cifar_stem=model_cfg.cifar_stem, width=model_cfg.width,
                              sync_bn=model_cfg.sync_bn, channels=channels, mean=mean, std=std)
@@ -144,6 +145,20 @@ class SSLMethod(keras.Model):
 
     def label_metrics(self, out, labels):
         """Monitoring metrics that use the true labels (never the loss): dict name → global scalar."""
+        return {}
+
+    # ----------------------------------------------------------------- hooks of the pretraining job (train.py)
+    def make_pipeline(self, source, views, cfg):
+        """The tf.data pipeline of pretraining: shuffled, batched, views made in the pipeline unless on the device."""
+        return data.train_pipeline(source.train, cfg.train.batch_size, None if cfg.augment.on_device else views,
+                                   seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+
+    def job_callbacks(self, source, cfg, log=print):
+        """Extra Keras callbacks of pretraining (CsMl: neighbour mining)."""
+        return []
+
+    def job_summary(self):
+        """Extra summary.json entries after pretraining."""
         return {}
 
     @property
