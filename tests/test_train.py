@@ -74,6 +74,8 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert "image folder not found" in capsys.readouterr().err
     assert cli.main(["pretrain", "--workdir", str(tmp_path), "--set", "data.limit=10"]) == 2
     assert "larger than the 10 training images" in capsys.readouterr().err
+    assert cli.main(["pretrain", "--workdir", str(tmp_path), "--set", "distribute.strategy=multi_worker"]) == 2
+    assert "keras-team/keras#20585" in capsys.readouterr().err
     assert not os.listdir(tmp_path)                           # failed runs leave nothing behind
     assert cli.main(["export", "--workdir", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "no config.yaml" in capsys.readouterr().err

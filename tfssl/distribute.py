@@ -58,6 +58,18 @@ def global_mean(x):
     return x if ctx is None else ctx.all_reduce(tf.distribute.ReduceOp.MEAN, x)
 
 
+def is_chief(strategy=None) -> bool:
+    """True on the process that writes checkpoints, summaries and exports: always, except under a multi-worker
+    strategy, where it is the ``chief`` task, or worker 0 when the cluster has no chief (TF_CONFIG convention)."""
+    strategy = strategy or tf.distribute.get_strategy()
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return True
+    kind, index = resolver.task_type, resolver.task_id
+    has_chief = "chief" in (resolver.cluster_spec().as_dict() or {})
+    return kind in (None, "chief") or (kind == "worker" and index == 0 and not has_chief)
+
+
 def split_cpu(n: int) -> None:
     """Split the first CPU into ``n`` logical devices (must run before TensorFlow initialises its devices)."""
     cpu = tf.config.list_physical_devices("CPU")[0]

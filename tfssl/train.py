@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
+import tempfile
 import time
 
 import keras
@@ -50,6 +52,10 @@ def plan_steps(cfg, num_train):
 def pretrain(cfg: config.Config, workdir: str, log=print):
     """Run the pretraining described by ``cfg`` and return the summary dict (also written to summary.json)."""
     keras.utils.set_random_seed(cfg.train.seed)
+    if cfg.distribute.strategy == "multi_worker":
+        raise config.ConfigError("distribute.strategy=multi_worker: Keras 3's model.fit does not run under "
+                                 "MultiWorkerMirroredStrategy (keras-team/keras#20585); tfssl's own multi-worker "
+                                 "loop is issue #8. Use mirrored (one machine, several devices) meanwhile")
     strategy = distribute.make_strategy(cfg.distribute)
     replicas = strategy.num_replicas_in_sync
     if cfg.train.batch_size % replicas:
@@ -57,6 +63,19 @@ def pretrain(cfg: config.Config, workdir: str, log=print):
                                  f"replicas")
     source = data.load_source(cfg.data)
     steps = plan_steps(cfg, source.num_train)
+    chief = distribute.is_chief(strategy)
+    if not chief:                            # other workers write into a scratch directory, removed at the end
+        scratch = tempfile.mkdtemp(prefix="tfssl-worker-")
+        try:
+            return _run(cfg, scratch, log, strategy, source, steps)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return _run(cfg, workdir, log, strategy, source, steps)
+
+
+def _run(cfg, workdir, log, strategy, source, steps):
+    """:func:`pretrain` once strategy and data are known: writes into ``workdir``, runs in ``train.precision``."""
+    replicas = strategy.num_replicas_in_sync
     os.makedirs(workdir, exist_ok=True)      # only once the recipe and data are known to be usable
     config.dump(cfg, os.path.join(workdir, "config.yaml"))
     total = steps * cfg.train.epochs
@@ -65,7 +84,17 @@ def pretrain(cfg: config.Config, workdir: str, log=print):
         f"{cfg.model.backbone}, {cfg.train.epochs} epochs × {steps} steps, batch {cfg.train.batch_size} on "
         f"{replicas} replica(s) [{type(strategy).__name__}]")
 
-    views = methods.views_for(cfg, steps)
+    views = methods.views_for(cfg, steps)        # augmentation stays float32
+    previous_policy = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy(cfg.train.precision)   # layers built now compute in it
+    try:
+        return _fit(cfg, workdir, log, strategy, source, steps, total, views)
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous_policy)
+
+
+def _fit(cfg, workdir, log, strategy, source, steps, total, views):
+    replicas = strategy.num_replicas_in_sync
     with strategy.scope():
         model = methods.build(cfg, source.num_classes, source.mean, source.std, total,
                               on_device_views=views if cfg.augment.on_device else None, steps_per_epoch=steps)

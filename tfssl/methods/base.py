@@ -205,7 +205,9 @@ class SSLMethod(keras.Model):
         teacher = self.teacher_outputs(views) if self.uses_teacher else {}
         with tf.GradientTape() as tape:
             loss, out = self.student_loss(views, teacher)
-        return loss, out, tape.gradient(loss, self.student_variables)
+            # mixed_float16: the LossScaleOptimizer scales the loss here and unscales (or skips) in apply_gradients
+            scaled = self.optimizer.scale_loss(loss) if self.optimizer is not None else loss
+        return loss, out, tape.gradient(scaled, self.student_variables)
 
     def train_step(self, data):
         views, labels = self._unpack(data)
@@ -239,7 +241,7 @@ class SSLMethod(keras.Model):
         mask = tf.cast(labels >= 0, tf.float32)
         count = tf.maximum(distribute.global_sum(tf.reduce_sum(mask)), 1.0)
         with tf.GradientTape() as tape:
-            logits = self.probe(features)
+            logits = tf.cast(self.probe(features), tf.float32)
             ce = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.maximum(labels, 0), logits)
             loss = tf.reduce_sum(ce * mask) / count
         grads = tape.gradient(loss, self.probe.trainable_variables)

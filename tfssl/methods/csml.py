@@ -134,8 +134,12 @@ class CsMl(SSLMethod):
     def job_callbacks(self, source, cfg, log=print):
         """The :class:`tfssl.mining.NeighbourMiner`; the epoch-0 mining runs now, before the first batch is read."""
         from tfssl.mining import NeighbourMiner
-        p = self.params
-        self.miner = NeighbourMiner(data.eval_pipeline(source.train, 256), self.neighbour_table, p.mine_every,
+        p, side, size = self.params, cfg.data.image_size, cfg.augment.size
+        images = data.eval_pipeline(source.train, 256)
+        if side > size:                                  # the centre view: a size×size centre crop (ImageNet 224/256)
+            images = images.map(lambda x, y: (x[:, (side - size) // 2:(side - size) // 2 + size,
+                                                 (side - size) // 2:(side - size) // 2 + size], y))
+        self.miner = NeighbourMiner(images, self.neighbour_table, p.mine_every,
                                     p.neighbours, labels=source.num_classes > 0, query_chunk=p.mine_query_chunk,
                                     bank_chunk=p.mine_bank_chunk, log=log)
         self.miner.set_model(self)

@@ -1,0 +1,54 @@
+"""Mixed precision (``train.precision``): layers compute in float16/bfloat16 while the losses, temperatures, softmax,
+queues and the probe stay float32; float16 uses Keras's dynamic loss scaling; the global policy is restored after a
+run."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import tiny_config
+from test_methods import _build, _views
+from tfssl import config
+from tfssl.train import pretrain
+
+
+@pytest.fixture
+def policy():
+    def use(name):
+        keras.mixed_precision.set_dtype_policy(name)
+    yield use
+    keras.mixed_precision.set_dtype_policy("float32")
+
+
+@pytest.mark.parametrize("name,params,precision", [
+    ("ressl", dict(queue_size=32), "mixed_bfloat16"), ("ressl", dict(queue_size=32), "mixed_float16"),
+    ("wcl", {}, "mixed_bfloat16"), ("csml", dict(queue_size=32, levels=[3, 4]), "mixed_float16")], ids=str)
+def test_mixed_step_keeps_losses_and_queues_in_float32(name, params, precision, policy):
+    keras.utils.set_random_seed(0)
+    cfg = tiny_config(name, **params)
+    views, labels = _views(cfg)
+    reference = _build(cfg, tf.distribute.get_strategy())
+    loss32, _, _ = reference.loss_and_gradients(views)
+    policy(precision)
+    model = _build(cfg, tf.distribute.get_strategy(), reference.get_weights())
+    assert model.backbone.layers[2].compute_dtype == precision.split("_")[1]
+    loss, out, grads = model.loss_and_gradients(views)
+    assert loss.dtype == tf.float32 and out["z"].dtype == tf.float32
+    assert all(v.dtype == tf.float32 for v in model.student_variables)          # float32 master weights
+    assert float(loss) == pytest.approx(float(loss32), rel=0.05)
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer) == (precision == "mixed_float16")
+    logs = model.train_step({"views": views, "label": labels})
+    assert np.isfinite(float(logs["loss"])) and np.isfinite(float(logs["probe_loss"]))
+    if model.uses_teacher:
+        assert model.queue.dtype == tf.float32 and np.isfinite(model.queue.numpy()).all()
+        assert int(model.queue_ptr.numpy()) == len(labels)
+
+
+def test_pretrain_in_bfloat16_restores_the_policy(tmp_path):
+    cfg = config.load("ressl_fashion_mnist", ["data.limit=128", "data.test_limit=64", "train.epochs=1",
+                                              "train.batch_size=64", "train.verbose=0", "train.jit_compile=false",
+                                              "model.projector_hidden=32", "method.queue_size=128",
+                                              "eval.knn_train_limit=128", "train.precision=mixed_bfloat16"])
+    summary = pretrain(cfg, str(tmp_path), log=lambda *_: None)
+    assert np.isfinite(summary["final_loss"]) and summary["knn_top1"] is not None
+    assert keras.mixed_precision.dtype_policy().name == "float32"
