@@ -1,0 +1,201 @@
+"""Multi-worker training: 2 local worker processes × 1 replica (MultiWorkerMirroredStrategy, started by
+``tfssl.launch.launch_local``) train exactly the step of 1 process × 2 replicas (MirroredStrategy on the two logical
+CPUs) and of 1 process × 1 device, for every method case of test_methods and the same global batch of 8: loss, logs,
+every weight (student, teacher incl. BatchNorm statistics, probe) and the queues, to float32 tolerance.
+
+The cluster is started once: the workers (tests/multiworker_worker.py) loop over all cases, building each model fresh
+from the initial weights this test writes first, so the three setups start from identical weights and batches
+(test_methods' crafted ``_views``). The references are computed here while the workers run. The launcher's own
+behaviour (TF_CONFIG, output prefixes, failure and timeout handling) is tested with tiny Python workers first.
+"""
+import json
+import os
+import sys
+import threading
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import multiworker_worker as worker
+from conftest import tiny_config
+from test_methods import CASES, _views
+from tfssl import config
+from tfssl.launch import TIMEOUT_EXIT, free_ports, launch_local, tf_config, worker_argv
+
+TIMEOUT = 600           # seconds for the whole worker cluster (all cases: ~3–5 min on 2 busy cores); then killed
+ATOL, RTOL = 1e-5, 1e-4  # test_methods' one-step tolerances
+
+
+def _case_id(k, name, params):
+    return f"case{k}_{name}"
+
+
+def _diff(a, b, atol=ATOL, rtol=RTOL):
+    """(max |a − b|, within atol + rtol·|b| everywhere)."""
+    a, b = np.asarray(a, "float64"), np.asarray(b, "float64")
+    if a.shape != b.shape:
+        return float("inf"), False
+    d = np.abs(a - b)
+    return float(d.max(initial=0.0)), bool(np.all(d <= atol + rtol * np.abs(b)))
+
+
+def _compare(label, got, want, names, problems, rows, atol=ATOL, rtol=RTOL):
+    """Compare two result dicts (see ``worker.results``); record failures in ``problems``, maxima in ``rows``."""
+    worst = {}
+    for key in sorted(set(want) | set(got)):
+        if key not in got or key not in want:
+            problems.append(f"{label}: {key} missing on one side")
+            continue
+        if key == "log_z_std":       # a per-replica statistic (std over the local rows), legitimately different
+            continue
+        kind = "weights" if key.startswith("w") and key[1:].isdigit() else key
+        if key.endswith("_ptr") or key == "iterations":
+            ok, d = np.array_equal(got[key], want[key]), float(np.max(np.abs(got[key] - want[key])))
+        else:
+            d, ok = _diff(got[key], want[key], atol, rtol)
+        worst[kind] = max(worst.get(kind, 0.0), d)
+        if not ok:
+            what = names[int(key[1:])] if kind == "weights" else key
+            problems.append(f"{label}: {what} differs by up to {d:.2e}")
+    rows.append(f"{label}: " + ", ".join(f"{k} {v:.1e}" for k, v in sorted(worst.items())))
+
+
+def _python(code):
+    return [sys.executable, "-c", code]
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_tf_config_free_ports_and_worker_argv():
+    ports = free_ports(3)
+    assert len(set(ports)) == 3 and all(0 < p < 65536 for p in ports)
+    cfg = json.loads(tf_config(ports, 2))
+    assert cfg == {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": 2}}
+    with pytest.raises(ValueError):
+        tf_config(ports, 3)
+    argv = worker_argv(["pretrain", "ressl_fashion_mnist", "--set", "distribute.strategy=mirrored"])
+    assert argv[-4:] == ["--set", "distribute.strategy=multi_worker", "--set", "distribute.logical_cpus=0"]
+    assert config.load("ressl_fashion_mnist", [a for a in argv[2:] if a != "--set"]).distribute.strategy == "multi_worker"
+    assert worker_argv(["eval", "knn", "--workdir", "w"]) == ["eval", "knn", "--workdir", "w"]
+
+
+def test_launch_local_gives_each_worker_its_tf_config_and_prefixes_its_output():
+    lines, addresses = [], set()
+    code = ("import json, os, sys; c = json.loads(os.environ['TF_CONFIG']); i = c['task']['index']; "
+            "print(i, c['task']['type'], len(c['cluster']['worker']), c['cluster']['worker'][i]); "
+            "print('to stderr', file=sys.stderr)")
+    assert launch_local([], workers=3, timeout=120, log=lines.append, command=_python(code)) == 0
+    for i in range(3):
+        mine = [line for line in lines if line.startswith(f"[worker {i}] ")]
+        assert len(mine) == 2 and f"[worker {i}] to stderr" in mine, lines
+        index, kind, n, address = [line for line in mine if "stderr" not in line][0].split()[2:]
+        assert (index, kind, n) == (str(i), "worker", "3") and address.startswith("127.0.0.1:")
+        addresses.add(address)
+    assert len(addresses) == 3   # every worker listens on its own port
+
+
+def test_launch_local_stops_the_others_when_a_worker_fails(tmp_path):
+    # worker 1 fails at once; worker 0 would wait forever (like a peer blocked in a collective)
+    code = ("import json, os, sys, time; i = json.loads(os.environ['TF_CONFIG'])['task']['index']; "
+            f"open(os.path.join({str(tmp_path)!r}, f'pid{{i}}'), 'w').write(str(os.getpid())); "
+            "time.sleep(0.5); sys.exit(3) if i == 1 else time.sleep(600)")
+    lines, start = [], time.monotonic()
+    assert launch_local([], workers=2, timeout=300, log=lines.append, command=_python(code)) == 3
+    assert time.monotonic() - start < 60 and any("worker 1 failed with exit code 3" in line for line in lines)
+    assert not _alive(int((tmp_path / "pid0").read_text()))
+
+
+def test_launch_local_timeout_kills_workers_that_ignore_sigterm(tmp_path):
+    code = ("import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            f"open(os.path.join({str(tmp_path)!r}, str(os.getpid())), 'w').close(); time.sleep(600)")
+    lines, start = [], time.monotonic()
+    assert launch_local([], workers=2, timeout=2, grace=1, log=lines.append, command=_python(code)) == TIMEOUT_EXIT
+    assert time.monotonic() - start < 60 and any("timeout" in line for line in lines)
+    pids = [int(p.name) for p in tmp_path.iterdir()]
+    assert pids and not any(_alive(p) for p in pids)
+
+
+@pytest.mark.slow
+def test_two_workers_equal_two_replicas_and_one_device(tmp_path, mirrored):
+    # one case per method, its richest variant (multi-crop, symmetric, KNN crops, stage-3 level): every gather,
+    # queue and synchronized-BN path crosses the worker boundary; the other variants differ only within a process
+    richest = [CASES[i] for i in (1, 2, 4, 6, 8)]
+    assert sorted({name for name, _ in richest}) == sorted({name for name, _ in CASES})
+    problems, rows = run_cases(richest, tmp_path, mirrored)
+    assert not problems, "\n".join(problems + ["", "max differences:"] + rows)
+
+
+def run_cases(method_cases, tmp_path, mirrored):
+    """Train ``method_cases`` (test_methods.CASES entries) one step in the three setups; (problems, summary rows)."""
+    start = time.perf_counter()
+    default = tf.distribute.get_strategy()
+    cases, ones = [], {}
+    for k, (name, params) in enumerate(method_cases):
+        cfg = tiny_config(name, **params)
+        keras.utils.set_random_seed(0)
+        views, labels = _views(cfg)
+        case = {"id": _case_id(k, name, params), "num_views": len(views)}
+        ones[case["id"]] = worker.build(cfg, default)   # 1 process × 1 device; its weights are everyone's start
+        init = ones[case["id"]].get_weights()
+        config.dump(cfg, str(tmp_path / f"{case['id']}.yaml"))
+        np.savez(tmp_path / f"{case['id']}_init.npz", labels=labels, **{f"view{i}": v for i, v in enumerate(views)},
+                 **{f"w{i:04d}": w for i, w in enumerate(init)})
+        cases.append(case)
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+
+    # the cluster runs in the background while this process computes the references
+    lines, outcome = [], {}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiworker_worker.py")
+    env = {"KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    cluster = threading.Thread(target=lambda: outcome.update(code=launch_local(
+        [script, str(tmp_path)], workers=2, timeout=TIMEOUT, env=env, log=lines.append, command=[sys.executable])))
+    cluster.start()
+    try:
+        references, names = {}, {}
+        for case, (name, params) in zip(cases, method_cases):
+            cfg = tiny_config(name, **params)
+            with np.load(tmp_path / f"{case['id']}_init.npz") as f:
+                views = tuple(f[f"view{i}"] for i in range(case["num_views"]))
+                labels, init = f["labels"], worker.weights_of(f)
+            one = ones.pop(case["id"])                # 1 process × 1 device: plain fit on the global batch
+            h1 = one.fit(tf.data.Dataset.from_tensors({"views": views, "label": labels}), epochs=1, verbose=0)
+            keras.utils.set_random_seed(0)
+            two = worker.build(cfg, mirrored, init)   # 1 process × 2 logical CPUs, stepped like the workers
+            logs2 = worker.train_step(two, mirrored, worker.distributed_batch(mirrored, views, labels))
+            references[case["id"]] = (worker.results(one, {k: v[-1] for k, v in h1.history.items()}),
+                                      worker.results(two, logs2), init)
+            names[case["id"]] = [v.path for v in one.weights]
+    finally:
+        cluster.join(TIMEOUT + 60)
+    log = "\n".join(lines[-80:])
+    assert not cluster.is_alive(), "launch_local did not return\n" + log
+    assert outcome.get("code") == 0, f"the workers failed (exit code {outcome.get('code')}):\n{log}"
+
+    problems, rows = [], []
+    for case in cases:
+        one, two, init = references[case["id"]]
+        with np.load(tmp_path / f"{case['id']}_worker0.npz") as f:
+            chief = dict(f)
+        with np.load(tmp_path / f"{case['id']}_worker1.npz") as f:
+            other = dict(f)
+        label = case["id"]
+        assert np.isfinite(chief["log_loss"]) and int(chief["iterations"]) == 1, label
+        moved = max(np.abs(a - b).max() for a, b in zip(worker.weights_of(chief), init))
+        assert moved > 1e-3, f"{label}: the step did not change the weights"
+        _compare(f"{label} 2 workers vs 1 device", chief, one, names[label], problems, rows)
+        _compare(f"{label} 2 workers vs 2 replicas", chief, two, names[label], problems, rows)
+        # the workers' mirrored variables are in sync: all-reduced updates are bit-identical on every worker
+        _compare(f"{label} worker 1 vs worker 0", other, chief, names[label], problems, rows, atol=0.0, rtol=0.0)
+    rows.append(f"{len(cases)} cases in {time.perf_counter() - start:.0f} s; workers: "
+                + "; ".join(line for line in lines if "done in" in line))
+    print("\n".join(rows))
+    return problems, rows
