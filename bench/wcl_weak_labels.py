@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfssl import config, data, methods
+from tfssl import config, data, methods, pipeline
 from tfssl.losses import component_stats, weak_labels
 from tfssl.methods.base import normalize
 
@@ -35,7 +35,7 @@ def main():
     keras.utils.set_random_seed(cfg.train.seed)
     source = data.load_source(cfg.data)
     views = methods.views_for(cfg)   # the main (post warm-up) recipe
-    batches = list(data.train_pipeline(source.train, cfg.train.batch_size, views, seed=1).take(a.batches))
+    batches = list(pipeline.train_pipeline(source.train, cfg.train.batch_size, views, seed=1).take(a.batches))
     model = methods.build(cfg, source.num_classes, source.mean, source.std)
     print(f"{a.batches} batches of {cfg.train.batch_size}, both views")
     print(f"{'weights':<12} {'components':>11} {'mean size':>10} {'precision':>10}")

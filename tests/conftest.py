@@ -30,3 +30,13 @@ def tiny_config(method, **method_params):
         "augment": {"preset": "fashion_mnist", "size": 32},
         "data": {"image_size": 32},
     })
+
+
+def h5_weights(path):
+    """{dataset path: array} of every dataset in a Keras ``.weights.h5`` file (compare two runs' checkpoints)."""
+    import h5py
+    import numpy as np
+    out = {}
+    with h5py.File(path) as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, np.array(obj)) if isinstance(obj, h5py.Dataset) else None)
+    return out

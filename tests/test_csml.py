@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
-from tfssl import config, data, methods
+from tfssl import config, data, methods, pipeline
 from tfssl.cutmix import cutmix
 from tfssl.optim import SGD
 
@@ -34,7 +34,7 @@ def _indexed_source(n=40):
     return data.from_numpy(x, np.arange(n) % 4, cfg=config.DataConfig(name="numpy", image_size=8))
 
 
-def _identity(images):
+def _identity(images, **_):
     x = tf.cast(images, tf.float32)
     return x, x
 
@@ -46,7 +46,7 @@ def _ids(view):
 def test_pair_pipeline_draws_neighbours_from_the_current_table():
     source = _indexed_source()
     table = tf.Variable(np.tile(np.arange(40, dtype=np.int32)[:, None], (1, 3)))
-    it = iter(data.pair_pipeline(source, table, _identity, B, cutmix, seed=3))
+    it = iter(pipeline.pair_pipeline(source, table, _identity, B, cutmix, seed=3))
     for _ in range(5):                                   # before the first mining: every image is its own neighbour
         b = next(it)
         np.testing.assert_array_equal(_ids(b["views"][0]), _ids(b["views"][2]))
@@ -70,8 +70,8 @@ def test_pair_pipeline_draws_neighbours_from_the_current_table():
 def test_pair_pipeline_mix_lambda_is_the_anchor_pixel_fraction_and_seeded():
     source = _indexed_source()
     table = tf.Variable(np.stack([(np.arange(40) + 1) % 40] * 2, axis=1).astype(np.int32))
-    batches = [b for b, _ in zip(data.pair_pipeline(source, table, _identity, B, cutmix, seed=5), range(6))]
-    again = [b for b, _ in zip(data.pair_pipeline(source, table, _identity, B, cutmix, seed=5), range(6))]
+    batches = [b for b, _ in zip(pipeline.pair_pipeline(source, table, _identity, B, cutmix, seed=5), range(6))]
+    again = [b for b, _ in zip(pipeline.pair_pipeline(source, table, _identity, B, cutmix, seed=5), range(6))]
     lams = set()
     for b, c in zip(batches, again):
         qi, qj, qm, lam = (b["views"][i].numpy() for i in (0, 2, 4, 5))
@@ -88,7 +88,7 @@ def test_pair_pipeline_mix_lambda_is_the_anchor_pixel_fraction_and_seeded():
 def test_pair_pipeline_errors_and_in_memory_random_access():
     source = _indexed_source(40)
     with pytest.raises(data.DataError, match="40 training images"):
-        data.pair_pipeline(source, tf.Variable(np.zeros((39, 2), np.int32)), _identity, B, cutmix)
+        pipeline.pair_pipeline(source, tf.Variable(np.zeros((39, 2), np.int32)), _identity, B, cutmix)
     source.lookup = None                                  # e.g. TFDS: read into memory once when small
     lookup = data.indexed(source)
     assert int(np.round(lookup(tf.constant(7, tf.int64))["image"].numpy()[0, 0, 0])) == 7
@@ -141,7 +141,7 @@ def test_configuration_errors():
     cfg, model = _model()
     cfg.augment.on_device = True
     with pytest.raises(config.ConfigError, match="on_device"):
-        model.make_pipeline(_indexed_source(), None, cfg)
+        model.make_pipeline(_indexed_source(), None, cfg, 4, None)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tfssl import data
+from tfssl import data, pipeline
 from tfssl.config import DataConfig
 from tfssl.data import DataError
 
@@ -368,10 +368,10 @@ def _labels(ds, batches):
 
 def test_train_pipeline_fixed_shape_batches():
     src = _indexed_source()
-    one_pass = _elements(data.train_pipeline(src.train, 16, seed=0, repeat=False))
+    one_pass = _elements(pipeline.train_pipeline(src.train, 16, seed=0, repeat=False))
     assert len(one_pass) == 3                                                # 50 // 16, remainder dropped
     assert all(b["image"].shape == (16, 8, 8, 3) and b["label"].shape == (16,) for b in one_pass)
-    ds = data.train_pipeline(src.train, 16, seed=0)
+    ds = pipeline.train_pipeline(src.train, 16, seed=0)
     spec = ds.element_spec
     assert spec["image"].shape == (16, 8, 8, 3)                              # static batch dim (drop_remainder)
     assert all(b["image"].shape == (16, 8, 8, 3) for b in ds.take(10).as_numpy_iterator())   # repeats
@@ -381,7 +381,7 @@ def test_train_pipeline_fixed_shape_batches():
 
 def test_train_pipeline_shuffles_every_example_once_per_epoch():
     src = _indexed_source()
-    batches = _elements(data.train_pipeline(src.train, 10, seed=0, shuffle_buffer=100, repeat=False))
+    batches = _elements(pipeline.train_pipeline(src.train, 10, seed=0, shuffle_buffer=100, repeat=False))
     seen = np.concatenate([b["label"] for b in batches])
     assert sorted(seen.tolist()) == list(range(50))
     assert seen.tolist() != list(range(50))
@@ -389,9 +389,9 @@ def test_train_pipeline_shuffles_every_example_once_per_epoch():
 
 def test_train_pipeline_deterministic_with_seed():
     src = _indexed_source()
-    a = _labels(data.train_pipeline(src.train, 10, seed=7, shuffle_buffer=100), 12)
-    b = _labels(data.train_pipeline(src.train, 10, seed=7, shuffle_buffer=100), 12)
-    c = _labels(data.train_pipeline(src.train, 10, seed=8, shuffle_buffer=100), 12)
+    a = _labels(pipeline.train_pipeline(src.train, 10, seed=7, shuffle_buffer=100), 12)
+    b = _labels(pipeline.train_pipeline(src.train, 10, seed=7, shuffle_buffer=100), 12)
+    c = _labels(pipeline.train_pipeline(src.train, 10, seed=8, shuffle_buffer=100), 12)
     assert a == b
     assert a != c
     assert a[:5] != a[5:10]                                                  # reshuffled each epoch
@@ -401,15 +401,15 @@ def test_train_pipeline_with_views():
     from tfssl.views import Views
     src = _indexed_source(size=32)
     views = Views(("strong", "weak"), "fashion_mnist", 24, small_crops=1, small_size=12)
-    ds = data.train_pipeline(src.train, 8, views=views, seed=0)
+    ds = pipeline.train_pipeline(src.train, 8, views=views, seed=0)
     b1, b2 = list(ds.take(2).as_numpy_iterator())
     assert set(b1) == {"views", "label"} and len(b1["views"]) == 3
     assert [v.shape for v in b1["views"]] == [(8, 24, 24, 3), (8, 24, 24, 3), (8, 12, 12, 3)]
     assert all(v.dtype == np.float32 and v.min() >= 0 and v.max() <= 1 for v in b1["views"])
     # the weak view of a constant image is that constant: the views belong to the labelled images
     np.testing.assert_allclose(b1["views"][1][:, 5, 5, 0], b1["label"] / 255.0, atol=1e-5)
-    a = _labels(data.train_pipeline(src.train, 8, views=views, seed=3), 6)
-    assert a == _labels(data.train_pipeline(src.train, 8, views=views, seed=3), 6)
+    a = _labels(pipeline.train_pipeline(src.train, 8, views=views, seed=3), 6)
+    assert a == _labels(pipeline.train_pipeline(src.train, 8, views=views, seed=3), 6)
 
 
 def test_eval_pipeline_floats_in_order():

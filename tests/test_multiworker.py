@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 
 import multiworker_worker as worker
-from conftest import tiny_config
+from conftest import h5_weights, tiny_config
 from test_methods import CASES, _views
 from tfssl import config
 from tfssl.launch import TIMEOUT_EXIT, free_ports, launch_local, tf_config, worker_argv
@@ -199,3 +199,41 @@ def run_cases(method_cases, tmp_path, mirrored):
                 + "; ".join(line for line in lines if "done in" in line))
     print("\n".join(rows))
     return problems, rows
+
+
+@pytest.mark.slow
+def test_launch_local_pretrain_equals_two_replicas_in_one_process(tmp_path, capsys):
+    """``tfssl launch-local --workers 2`` runs the real pretraining job (model.fit under MultiWorkerMirroredStrategy,
+    the epoch pipeline split over the workers, backups, kNN) and ends with the very weights of the same recipe on
+    MirroredStrategy over 2 logical CPUs; only the chief writes the run directory."""
+    from tfssl import cli
+    sets = ["data.limit=256", "data.test_limit=128", "train.epochs=2", "train.batch_size=64", "train.verbose=0",
+            "model.backbone=tiny", "model.projector_hidden=32", "eval.knn_train_limit=256", "method.queue_size=256",
+            "train.deterministic=true", "train.jit_compile=false"]
+    flags = sum((["--set", s] for s in sets), [])
+    workers = tmp_path / "workers"
+    assert cli.main(["launch-local", "ressl_fashion_mnist", "--workers", "2", "--workdir", str(workers),
+                     "--timeout", str(TIMEOUT)] + flags) == 0
+    out = capsys.readouterr().out
+    assert "[worker 0]" in out and "[worker 1]" in out and "2 replica(s) [MultiWorkerMirroredStrategy]" in out
+    assert cli.main(["pretrain", "ressl_fashion_mnist", "--workdir", str(tmp_path / "mirrored")] + flags +
+                    ["--set", "distribute.strategy=mirrored"]) == 0
+    a = h5_weights(workers / "checkpoints" / "last.weights.h5")
+    b = h5_weights(tmp_path / "mirrored" / "checkpoints" / "last.weights.h5")
+    assert a.keys() == b.keys() and len(a) > 50
+    for name in a:      # same collectives, same reduction order: equal to float32 rounding
+        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-6, err_msg=name)
+    summary = json.load(open(workers / "summary.json"))
+    assert summary["strategy"] == "MultiWorkerMirroredStrategy" and summary["replicas"] == 2
+    assert len(summary["history"]["loss"]) == 2 and np.isfinite(summary["final_loss"])
+    assert sorted(os.listdir(workers / "backup")) == ["epoch-0001", "epoch-0002"]   # written once, by the chief
+
+
+def test_launch_local_cli_rejects_a_bad_recipe_before_starting_workers(tmp_path, capsys):
+    from tfssl import cli
+    assert cli.main(["launch-local", "--workers", "2", "--workdir", str(tmp_path / "w"), "--set", "train.epoch=1"]) == 2
+    err = capsys.readouterr()
+    assert "unknown key 'train.epoch'" in err.err and "launching" not in err.out
+    assert cli.main(["launch-local", "--workers", "0", "--workdir", str(tmp_path / "w")]) == 2
+    assert "--workers must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

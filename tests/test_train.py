@@ -75,7 +75,7 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert cli.main(["pretrain", "--workdir", str(tmp_path), "--set", "data.limit=10"]) == 2
     assert "larger than the 10 training images" in capsys.readouterr().err
     assert cli.main(["pretrain", "--workdir", str(tmp_path), "--set", "distribute.strategy=multi_worker"]) == 2
-    assert "keras-team/keras#20585" in capsys.readouterr().err
+    assert "needs the TF_CONFIG environment variable" in capsys.readouterr().err
     assert not os.listdir(tmp_path)                           # failed runs leave nothing behind
     assert cli.main(["export", "--workdir", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "no config.yaml" in capsys.readouterr().err
@@ -94,3 +94,27 @@ def test_preview_writes_a_real_png(tmp_path):
     assert pixels.std() > 10                                  # not a blank canvas
     original, view = pixels[:, :64], pixels[:, 68:132]
     assert np.abs(original - view).mean() > 1                 # views differ from the originals
+
+
+def test_train_step_traced_once_over_epochs_of_the_epoch_pipeline():
+    """Each epoch opens a new iterator of the epoch pipeline; the compiled step must not be traced again (issue #9:
+    no retracing). The Python ``train_step`` body runs once per trace, so counting its calls counts traces."""
+    import tensorflow as tf
+    from conftest import tiny_config
+    from tfssl import callbacks, data, methods
+    from tfssl.optim import SGD
+    cfg = tiny_config("mocov2", queue_size=64)
+    source = data.from_numpy(np.random.default_rng(0).integers(0, 255, (48, 32, 32, 1), dtype=np.uint8),
+                             np.arange(48) % 4)
+    views = methods.views_for(cfg, 3)
+    model = methods.build(cfg, 4, total_steps=9, steps_per_epoch=3)
+    model.compile(SGD(0.1, momentum=0.9), jit_compile=False)
+    epoch = tf.Variable(0, dtype=tf.int64)
+    pipeline = model.make_pipeline(source, views, cfg, 3, epoch)
+    assert int(pipeline.cardinality()) == 3                        # one epoch of batches per iterator
+    traces = []
+    step = model.train_step
+    model.train_step = lambda batch: (traces.append(1), step(batch))[1]
+    history = model.fit(pipeline, epochs=3, callbacks=[callbacks.EpochVariable(epoch)], verbose=0).history
+    assert len(history["loss"]) == 3 and int(model.optimizer.iterations.numpy()) == 9
+    assert len(traces) == 1

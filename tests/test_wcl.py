@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
-from tfssl import data, losses, methods
+from tfssl import data, losses, methods, pipeline
 from tfssl.optim import SGD
 from tfssl.views import Views
 
@@ -101,7 +101,7 @@ def test_pipeline_passes_the_training_step_to_scheduled_views():
     images = np.full((64, 32, 32, 3), 77, np.uint8)
     ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": np.zeros(64, np.int64)})
     for start, warm_batches in ((0, 3), (2, 1)):
-        batches = list(data.train_pipeline(ds, 16, views, seed=0, shuffle_buffer=64, start_step=start).take(5))
+        batches = list(pipeline.train_pipeline(ds, 16, views, seed=0, shuffle_buffer=64, start_step=start).take(5))
         constant = [all(np.allclose(v.numpy(), 77 / 255, atol=1e-6) for v in b["views"]) for b in batches]
         assert constant == [True] * warm_batches + [False] * (5 - warm_batches)
 

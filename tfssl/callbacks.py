@@ -18,16 +18,18 @@ class Throughput(keras.callbacks.Callback):
         super().__init__()
         self.batch_size, self.seconds, self.steps = batch_size, 0.0, 0
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._t0 = time.perf_counter()
-
     def on_train_batch_end(self, batch, logs=None):
         self.steps += 1
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0, self._steps0 = time.perf_counter(), self.steps
+
     def on_epoch_end(self, epoch, logs=None):
-        self.seconds += time.perf_counter() - self._t0
+        seconds = time.perf_counter() - self._t0
+        self.seconds += seconds
         if logs is not None:
-            logs["images_per_second"] = self.images_per_second
+            logs["images_per_second"] = self.images_per_second          # the run so far
+            logs["epoch_images_per_second"] = (self.steps - self._steps0) * self.batch_size / max(seconds, 1e-9)
 
     @property
     def images_per_second(self):
@@ -80,19 +82,48 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         os.replace(tmp, self.path)
 
 
+class EpochVariable(keras.callbacks.Callback):
+    """Sets the host variable the input pipeline reads (:func:`tfssl.pipeline.epoch_pipeline`) to each epoch's index,
+    before ``model.fit`` opens that epoch's iterator."""
+
+    def __init__(self, variable):
+        super().__init__()
+        self.variable = variable
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.variable.assign(epoch)
+
+
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN/Inf loss."""
 
 
 class StopOnNonFinite(keras.callbacks.Callback):
-    """Raises :class:`NonFiniteLoss` naming the epoch and step as soon as the loss is NaN or infinite."""
+    """``train.on_nan: stop``: raises :class:`NonFiniteLoss` naming the epoch and step as soon as the loss is NaN or
+    infinite; the backup and checkpoint of the last finished epoch stay as they were. ``skip=True``
+    (``train.on_nan: skip``, the model skips such steps): reports the skipped steps of each epoch and stops only
+    when a whole epoch was skipped (training has diverged)."""
+
+    def __init__(self, skip=False, log=print):
+        super().__init__()
+        self.skip, self.log = skip, log
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
+        self._epoch, self._steps = epoch, 0
 
     def on_train_batch_end(self, batch, logs=None):
+        self._steps = batch + 1
         loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(np.asarray(loss))):
+        if not self.skip and loss is not None and not math.isfinite(float(np.asarray(loss))):
             raise NonFiniteLoss(f"loss became {float(np.asarray(loss))} at epoch {self._epoch + 1}, step {batch + 1};"
-                                " lower train.lr, check the data, or raise the temperatures; the last checkpoint of a"
-                                " finished epoch is kept")
+                                " the checkpoint and backup of the last finished epoch are kept. Lower train.lr, "
+                                "check the data or raise the temperatures, or set train.on_nan=skip")
+
+    def on_epoch_end(self, epoch, logs=None):
+        skipped = int(float(np.asarray((logs or {}).get("skipped", 0))))
+        if not self.skip or not skipped:
+            return
+        self.log(f"epoch {epoch + 1}: skipped {skipped} of {self._steps} steps with a non-finite loss (train.on_nan=skip)")
+        if skipped >= self._steps:
+            raise NonFiniteLoss(f"every step of epoch {epoch + 1} had a non-finite loss: training has diverged; the "
+                                "backup of the last good epoch is kept. Lower train.lr or check the data")

@@ -60,6 +60,16 @@ def _parser():
     zo.add_argument("--replace", action="store_true", help="add: replace an existing entry of that name")
     zo.add_argument("--manifest", default=None, help="manifest file (default: export/zoo.json of this checkout)")
 
+    ll = sub.add_parser("launch-local", help="pretrain with N local worker processes (MultiWorkerMirroredStrategy)",
+                        description="Start N `tfssl pretrain` worker processes on this machine, each with a TF_CONFIG "
+                        "naming 127.0.0.1 free ports (worker 0 is the chief and writes --workdir), and wait for all; "
+                        "a failing worker stops the others. For trying multi-worker training before a cluster.")
+    ll.add_argument("config", nargs="?", default=DEFAULT_RECIPE, help="recipe path or name in configs/")
+    ll.add_argument("--workers", type=int, default=2, help="number of worker processes (default: 2)")
+    ll.add_argument("--workdir", default=None, help="output directory (default: runs/<recipe name>)")
+    ll.add_argument("--timeout", type=float, default=None, help="stop every worker after this many seconds")
+    ll.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=SET_HELP)
+
     pv = sub.add_parser("preview", help="write a PNG grid of images and their views",
                         description="Show what a recipe's views look like: one row per image, original first.")
     pv.add_argument("config", help="recipe path or name in configs/")
@@ -187,6 +197,20 @@ def _zoo(args):
         print(f"ok: {args.path} matches zoo entry {zoo.verify(args.path, args.name, manifest)!r}")
 
 
+def _launch_local(args):
+    from tfssl import config
+    from tfssl.launch import launch_local
+    if args.workers < 1:
+        raise config.ConfigError(f"--workers must be at least 1, got {args.workers}")
+    config.load(args.config, args.set)                   # a bad recipe fails here once, not in every worker
+    workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    argv = ["pretrain", args.config, "--workdir", workdir] + sum((["--set", s] for s in args.set), [])
+    code = launch_local(argv, workers=args.workers, timeout=args.timeout)
+    if code == 0:
+        print(f"launch-local: {args.workers} workers done; results in {workdir}")
+    return code
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     from tfssl.config import ConfigError
@@ -208,6 +232,8 @@ def main(argv=None):
             _export(args)
         elif args.command == "zoo":
             _zoo(args)
+        elif args.command == "launch-local":
+            return _launch_local(args)
     except (ConfigError, DataError, NonFiniteLoss, ExportError, ZooError, EvalError) as e:
         print(f"tfssl {args.command}: error: {e}", file=sys.stderr)
         return 2

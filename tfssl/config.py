@@ -72,6 +72,9 @@ class TrainConfig:
     seed: int = 0
     jit_compile: bool = False
     precision: str = "float32"
+    resume: bool = True                     # continue from RUN/backup after a kill (same command, same recipe)
+    deterministic: bool = False             # TensorFlow's deterministic ops (bit-identical reruns; slower)
+    on_nan: str = "stop"                    # non-finite loss: stop (keep the last good backup) | skip the update
     knn_every: int = 1                      # run the kNN monitor every N epochs (0 = only at the end)
     verbose: int = 1
 
@@ -119,6 +122,7 @@ CHOICES = {
     ("train", "optimizer"): ["sgd", "lars", "lamb"],
     ("train", "lr_scaling"): ["linear", "sqrt", "none"],
     ("train", "precision"): ["float32", "mixed_bfloat16", "mixed_float16"],
+    ("train", "on_nan"): ["stop", "skip"],
     ("distribute", "strategy"): ["default", "mirrored", "multi_worker", "tpu"],
     ("eval", "linear_preset"): ["small", "moco", "simclr"],
 }

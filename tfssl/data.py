@@ -222,27 +222,6 @@ def load_source(cfg) -> Source:
     raise DataError(f"data.name={cfg.name!r} is not one of fashion_mnist, tfds:<name>, folder, numpy")
 
 
-def train_pipeline(ds, batch_size, views=None, seed=None, shuffle_buffer=10000, repeat=True, start_step=0):
-    """Shuffle, repeat, batch (drop remainder: static shapes for XLA/TPU) and, if given, make the views in-pipeline.
-
-    Yields ``{"image", "label"}`` batches, or ``{"views": tuple, "label"}`` when ``views`` (a
-    :class:`tfssl.views.Views`) runs here instead of on the device. Scheduled views (a warm-up recipe) get the
-    training step of each batch: batch k is step ``start_step + k`` (one batch per step, as ``model.fit`` reads).
-    """
-    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
-    ds = ds.batch(batch_size, drop_remainder=True)
-    if views is not None and getattr(views, "scheduled", False):
-        ds = ds.enumerate(start=start_step).map(
-            lambda step, e: {"views": views(e["image"], step=step), "label": e["label"]},
-            num_parallel_calls=AUTOTUNE, deterministic=seed is not None)
-    elif views is not None:
-        ds = ds.map(lambda e: {"views": views(e["image"]), "label": e["label"]}, num_parallel_calls=AUTOTUNE,
-                    deterministic=seed is not None)
-    return ds.prefetch(AUTOTUNE)
-
-
 def indexed(source, max_bytes=2 ** 31):
     """Random access to ``source.train`` (index → {"image", "label"}), as CsMl's pairs need.
 
@@ -264,39 +243,6 @@ def indexed(source, max_bytes=2 ** 31):
     xt, yt = tf.constant(np.concatenate(images)), tf.constant(np.concatenate(labels))
     source.lookup = lambda i: {"image": tf.gather(xt, i), "label": tf.gather(yt, i)}
     return source.lookup
-
-
-def pair_pipeline(source, table, views, batch_size, mix, seed=0, start_step=0):
-    """CsMl's batches (METHODS.md CsMl 2–3): every anchor i with a neighbour j drawn uniformly from ``table[i]``.
-
-    ``table`` is the int32 [N, k] neighbour table (a host ``tf.Variable``; the :class:`tfssl.mining.NeighbourMiner`
-    rewrites it, and every draw reads its current value — batches already prefetched keep the previous table).
-    The draw is seeded by (``seed``, element count), so a run is repeatable. ``views`` makes a (query, key) pair of
-    each image; ``mix(q_anchor, q_neighbour, seed) → (mixed, λ′)`` is CsMl's CutMix, one box per global batch.
-    Yields ``{"views": (q_i, k_i, q_j, k_j, q_mix, λ′ per row [B]), "label": anchor labels}``.
-    """
-    lookup = indexed(source)
-    n, k = int(table.shape[0]), int(table.shape[1])
-    if n != source.num_train:
-        raise DataError(f"the neighbour table has {n} rows but {source.name} has {source.num_train} training images")
-    seed = int(seed or 0)
-
-    def pair(count, i):
-        draw = tf.random.stateless_uniform([], tf.stack([tf.constant(seed, tf.int64), count]), 0, k, tf.int64)
-        j = tf.cast(tf.gather(table[i], draw), tf.int64)
-        a, b = lookup(i), lookup(j)
-        return {"anchor": a["image"], "neighbour": b["image"], "label": a["label"]}
-
-    def make_views(step, e):
-        qi, ki = views(e["anchor"])[:2]
-        qj, kj = views(e["neighbour"])[:2]
-        qm, lam = mix(qi, qj, tf.stack([tf.constant(seed, tf.int64), step]))
-        return {"views": (qi, ki, qj, kj, qm, tf.fill([batch_size], lam)), "label": e["label"]}
-
-    ds = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.enumerate(start=start_step * batch_size).map(pair, AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=True).enumerate(start=start_step)
-    return ds.map(make_views, AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
 
 
 def eval_pipeline(ds, batch_size):

@@ -38,7 +38,8 @@ def replica_id():
 def gather(x):
     """Concatenate ``x`` from all replicas along axis 0 (identity on one replica); differentiable, see module doc."""
     ctx = _replica_ctx()
-    return x if ctx is None else ctx.all_gather(x, axis=0)
+    # tf.identity: under MultiWorkerMirroredStrategy a bare function argument has no device for the collective
+    return x if ctx is None else ctx.all_gather(tf.identity(x), axis=0)
 
 
 def replica_offset(local_batch):
@@ -107,7 +108,8 @@ def make_strategy(cfg):
         return mirrored([d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")])
     if name == "multi_worker":
         if not os.environ.get("TF_CONFIG"):
-            raise RuntimeError("distribute.strategy=multi_worker needs the TF_CONFIG environment variable "
+            from tfssl.config import ConfigError
+            raise ConfigError("distribute.strategy=multi_worker needs the TF_CONFIG environment variable "
                                "(cluster and task); see README 'Running on a cluster'")
         json.loads(os.environ["TF_CONFIG"])
         return tf.distribute.MultiWorkerMirroredStrategy()
@@ -117,3 +119,55 @@ def make_strategy(cfg):
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     raise ValueError(f"distribute.strategy={name!r} is not one of default, mirrored, multi_worker, tpu")
+
+
+def is_multi_worker(strategy) -> bool:
+    """True under ``MultiWorkerMirroredStrategy``."""
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def strategy_name(strategy) -> str:
+    """The public name of ``strategy`` (MultiWorkerMirroredStrategy's class is CollectiveAllReduceStrategy)."""
+    return "MultiWorkerMirroredStrategy" if is_multi_worker(strategy) else type(strategy).__name__
+
+
+class MultiWorkerFit:
+    """Mixin (before ``keras.Model``) that lets Keras 3.15's ``model.fit`` run under MultiWorkerMirroredStrategy.
+
+    Keras fails there twice (keras-team/keras#20585, #20329): ``_maybe_symbolic_build`` pulls a batch and
+    ``strategy.reduce``-s the dict batch, and the train function reduces every log with
+    ``strategy.reduce(MEAN, v, axis=0)``, which rejects scalars. Under that strategy only, the model (built at
+    construction) skips the symbolic build, and its train function takes each log from this worker's first replica:
+    a method's logs are already global (all-reduced in ``train_step``), so every worker logs the same values. Any
+    other strategy keeps Keras's own code path. XLA is not used under it on CPU (no XLA collectives there).
+    """
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if not is_multi_worker(self.distribute_strategy):
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        with self.distribute_strategy.scope():
+            if self.optimizer is not None and not self.optimizer.built:
+                self.optimizer.build(self.trainable_variables)
+
+    def make_train_function(self, force=False):
+        strategy = self.distribute_strategy
+        if not is_multi_worker(strategy):
+            return super().make_train_function(force=force)
+        if self.train_function is not None and not force:
+            return self.train_function
+        on_cpu = not tf.config.list_logical_devices("GPU")
+        step_fn = tf.function(self.train_step, jit_compile=True) if self.jit_compile and not on_cpu \
+            else self.train_step
+
+        def one_step(iterator):
+            logs = strategy.run(step_fn, args=(next(iterator),))
+            return tf.nest.map_structure(lambda v: tf.convert_to_tensor(strategy.experimental_local_results(v)[0]),
+                                         logs)
+
+        def train_function(iterator):
+            logs = one_step(iterator)
+            for _ in tf.range(self.steps_per_execution - 1):
+                logs = one_step(iterator)
+            return logs
+        self.train_function = train_function if self.run_eagerly else tf.function(train_function)
+        return self.train_function

@@ -151,7 +151,8 @@ def _first_line(error):
     return (lines[1] if "Example error" in lines[0] and len(lines) > 1 else lines[0])[:300]
 
 
-def _sha(path):
+def sha256_file(path):
+    """SHA-256 hex digest of a file, read in 1 MB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -165,7 +166,7 @@ def _files(root):
     for folder, _, names in sorted(os.walk(root)):
         for name in sorted(names):
             path = os.path.join(folder, name)
-            out[os.path.relpath(path, root)] = {"bytes": os.path.getsize(path), "sha256": _sha(path)}
+            out[os.path.relpath(path, root)] = {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
     return out
 
 
@@ -346,8 +347,8 @@ def export_run(workdir, out_dir, checkpoint=None, **kw):
                           f" backbone {cfg.model.backbone}, width {cfg.model.width}); was it written by another run "
                           f"or backbone? Keras: {detail}") from None
     summary = {"method": type(cfg.method).method_name, "backbone": cfg.model.backbone, "dataset": source.name,
-               **summary, "recipe_sha256": _sha(recipe), "checkpoint": os.path.abspath(checkpoint),
-               "checkpoint_sha256": _sha(checkpoint)}
+               **summary, "recipe_sha256": sha256_file(recipe), "checkpoint": os.path.abspath(checkpoint),
+               "checkpoint_sha256": sha256_file(checkpoint)}
     kw.setdefault("input_size", cfg.export.input_size or cfg.augment.size)
     kw.setdefault("channels", cfg.data.channels)
     kw.setdefault("formats", tuple(cfg.export.formats))

@@ -103,3 +103,28 @@ def build_optimizer(train_cfg, total_steps, steps_per_epoch):
     if train_cfg.optimizer == "lamb":
         return keras.optimizers.Lamb(lr, weight_decay=train_cfg.weight_decay or None)
     raise ValueError(f"train.optimizer={train_cfg.optimizer!r} is not one of sgd, lars, lamb")
+
+
+class SkipNonFinite(keras.optimizers.LossScaleOptimizer):
+    """``train.on_nan: skip``: the inner optimizer's update is applied only when every gradient is finite; a
+    non-finite step leaves weights, slots and the step counter unchanged. Keras's LossScaleOptimizer does the
+    distributed finite check and conditional apply; here the scale stays 1 (no loss scaling) and a skip only counts.
+
+    Under a strategy each replica checks its own gradients, so the caller makes them agree first (the method sets
+    every replica's gradients non-finite when any replica's are: :meth:`SSLMethod.agree_finite`).
+    """
+
+    def __init__(self, inner_optimizer, name=None, **kw):
+        super().__init__(inner_optimizer, initial_scale=1.0, dynamic_growth_steps=2 ** 30,
+                         name=name or f"skip_{inner_optimizer.name}", **kw)
+
+    def _stateful_handle_finite_grads(self, grads, trainable_variables):
+        self.inner_optimizer.apply(grads, trainable_variables=trainable_variables)
+
+    def _stateful_handle_non_finite_grads(self):
+        self.step_counter.assign_add(1)
+
+    @property
+    def skipped(self):
+        """Number of skipped updates so far."""
+        return self.step_counter

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfssl import __version__, callbacks, config, data, distribute, methods
+from tfssl import __version__, callbacks, config, data, distribute, methods, pipeline, resume
 from tfssl.eval.knn import embed
 from tfssl.eval.monitors import CollapseMonitor
 from tfssl.optim import SGD, build_optimizer
@@ -52,10 +52,8 @@ def plan_steps(cfg, num_train):
 def pretrain(cfg: config.Config, workdir: str, log=print):
     """Run the pretraining described by ``cfg`` and return the summary dict (also written to summary.json)."""
     keras.utils.set_random_seed(cfg.train.seed)
-    if cfg.distribute.strategy == "multi_worker":
-        raise config.ConfigError("distribute.strategy=multi_worker: Keras 3's model.fit does not run under "
-                                 "MultiWorkerMirroredStrategy (keras-team/keras#20585); tfssl's own multi-worker "
-                                 "loop is issue #8. Use mirrored (one machine, several devices) meanwhile")
+    if cfg.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
     strategy = distribute.make_strategy(cfg.distribute)
     replicas = strategy.num_replicas_in_sync
     if cfg.train.batch_size % replicas:
@@ -63,17 +61,18 @@ def pretrain(cfg: config.Config, workdir: str, log=print):
                                  f"replicas")
     source = data.load_source(cfg.data)
     steps = plan_steps(cfg, source.num_train)
+    backup = os.path.join(workdir, "backup")  # every worker restores from it; only the chief writes it
     chief = distribute.is_chief(strategy)
     if not chief:                            # other workers write into a scratch directory, removed at the end
         scratch = tempfile.mkdtemp(prefix="tfssl-worker-")
         try:
-            return _run(cfg, scratch, log, strategy, source, steps)
+            return _run(cfg, scratch, log, strategy, source, steps, backup, chief)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    return _run(cfg, workdir, log, strategy, source, steps)
+    return _run(cfg, workdir, log, strategy, source, steps, backup, chief)
 
 
-def _run(cfg, workdir, log, strategy, source, steps):
+def _run(cfg, workdir, log, strategy, source, steps, backup_dir, chief=True):
     """:func:`pretrain` once strategy and data are known: writes into ``workdir``, runs in ``train.precision``."""
     replicas = strategy.num_replicas_in_sync
     os.makedirs(workdir, exist_ok=True)      # only once the recipe and data are known to be usable
@@ -82,18 +81,18 @@ def _run(cfg, workdir, log, strategy, source, steps):
     log(f"tfssl {__version__}: {type(cfg.method).method_name} on {source.name} ({source.num_train} train / "
         f"{source.num_test} held-out images, {source.skipped_corrupt} corrupt skipped), backbone "
         f"{cfg.model.backbone}, {cfg.train.epochs} epochs × {steps} steps, batch {cfg.train.batch_size} on "
-        f"{replicas} replica(s) [{type(strategy).__name__}]")
+        f"{replicas} replica(s) [{distribute.strategy_name(strategy)}]")
 
     views = methods.views_for(cfg, steps)        # augmentation stays float32
     previous_policy = keras.mixed_precision.dtype_policy()
     keras.mixed_precision.set_dtype_policy(cfg.train.precision)   # layers built now compute in it
     try:
-        return _fit(cfg, workdir, log, strategy, source, steps, total, views)
+        return _fit(cfg, workdir, log, strategy, source, steps, total, views, backup_dir, chief)
     finally:
         keras.mixed_precision.set_dtype_policy(previous_policy)
 
 
-def _fit(cfg, workdir, log, strategy, source, steps, total, views):
+def _fit(cfg, workdir, log, strategy, source, steps, total, views, backup_dir, chief):
     replicas = strategy.num_replicas_in_sync
     with strategy.scope():
         model = methods.build(cfg, source.num_classes, source.mean, source.std, total,
@@ -101,10 +100,28 @@ def _fit(cfg, workdir, log, strategy, source, steps, total, views):
         model.compile(build_optimizer(cfg.train, total, steps),
                       probe_optimizer=SGD(cfg.train.probe_lr, momentum=0.9, name="probe_sgd"),
                       jit_compile=cfg.train.jit_compile)
-    pipeline = model.make_pipeline(source, views, cfg)
+    with tf.device("/cpu:0"):                # read by the input pipeline at every epoch start
+        epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_epoch")
+    batches = model.make_pipeline(source, views, cfg, steps, epoch)
+    if replicas > 1:
+        batches = pipeline.for_replicas(batches, cfg.train.batch_size, steps)
+    if distribute.is_multi_worker(strategy):    # every worker builds the global batch and keeps its rows
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        batches = batches.with_options(options)
 
     timer = callbacks.Throughput(cfg.train.batch_size)
-    cbs = [timer, callbacks.StopOnNonFinite()] + model.job_callbacks(source, cfg, log)
+    cbs = [callbacks.EpochVariable(epoch), timer, callbacks.StopOnNonFinite(cfg.train.on_nan == "skip", log)]
+    cbs += model.job_callbacks(source, cfg, log)
+    host_variables, job_state = model.job_state()
+    backup = resume.Backup(backup_dir, cfg.to_dict(), host_variables, job_state, write=chief, log=log)
+    initial_epoch, records = backup.restore(model) if cfg.train.resume else (0, {})
+    model.load_job_state(records)
+    done = os.path.join(workdir, "summary.json")
+    if initial_epoch >= cfg.train.epochs and os.path.exists(done):
+        log(f"resume: all {cfg.train.epochs} epochs of this run are done; summary.json is unchanged")
+        with open(done) as f:
+            return json.load(f)
     knn = None
     if source.test is not None and source.num_classes:
         bank = source.train.take(cfg.eval.knn_train_limit) if cfg.eval.knn_train_limit else source.train
@@ -116,14 +133,16 @@ def _fit(cfg, workdir, log, strategy, source, steps, total, views):
         cbs.append(CollapseMonitor(data.eval_pipeline(source.test, 256), every=cfg.train.knn_every, batches=8,
                                    views=lambda x: views(x)[:2]))
     checkpoint = callbacks.AtomicCheckpoint(os.path.join(workdir, "checkpoints"))
-    cbs += [checkpoint, keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard"), write_graph=False)]
+    cbs += [backup, checkpoint, keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard"), write_graph=False)]
 
     start = time.perf_counter()
-    history = model.fit(pipeline, epochs=cfg.train.epochs, steps_per_epoch=steps, callbacks=cbs,
-                        verbose=cfg.train.verbose, shuffle=False)
+    finite = int(batches.cardinality()) > 0           # one epoch per iterator; else an endless stream
+    model.fit(batches, initial_epoch=initial_epoch, epochs=cfg.train.epochs,
+              steps_per_epoch=None if finite else steps, callbacks=cbs, verbose=cfg.train.verbose, shuffle=False)
     wall = time.perf_counter() - start
 
-    figures = {k: float(v[-1]) for k, v in history.history.items()}
+    history = backup.history                         # every epoch of the run, over restarts
+    figures = {k: float(v[-1]) for k, v in history.items()}
     if source.test is not None and model.probe is not None:
         feats, labels = embed(model.backbone, data.eval_pipeline(source.test, 256))
         figures["probe_top1"] = float(np.mean(np.argmax(model.probe(feats).numpy(), 1) == labels))
@@ -131,12 +150,12 @@ def _fit(cfg, workdir, log, strategy, source, steps, total, views):
         figures["knn_top1"], figures["knn_top5"] = knn.last["top1"], knn.last["top5"]
     summary = update_summary(
         workdir, method=type(cfg.method).method_name, dataset=source.name, backbone=cfg.model.backbone,
-        strategy=type(strategy).__name__, replicas=replicas, epochs=cfg.train.epochs, steps=total,
+        strategy=distribute.strategy_name(strategy), replicas=replicas, epochs=cfg.train.epochs, steps=total,
         steps_per_epoch=steps, batch_size=cfg.train.batch_size, num_train=source.num_train,
         skipped_corrupt=source.skipped_corrupt, images_per_second=timer.images_per_second, wall_seconds=wall,
         knn_top1=figures.get("knn_top1"), knn_top5=figures.get("knn_top5"), probe_top1=figures.get("probe_top1"),
         probe_train_top1=figures.get("probe_acc"), final_loss=figures.get("loss"),
-        history={k: [float(x) for x in v] for k, v in history.history.items()},
+        history={k: [float(x) for x in v] for k, v in history.items()}, resumed_from_epoch=backup.restored_epoch,
         checkpoint=checkpoint.path, **model.job_summary(), versions={"tfssl": __version__, "tensorflow": tf.__version__,
                                               "keras": keras.__version__, "python": platform.python_version()})
     return summary

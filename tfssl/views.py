@@ -10,15 +10,43 @@ GaussianBlur (σ uniform, kernel ≈10% of the size), RandomSolarize (threshold 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import keras
 import tensorflow as tf
 
+_SEEDS = []   # stack of [seed tensor, draw counter] set by :func:`seeded`
+
+
+@contextlib.contextmanager
+def seeded(seed):
+    """Make every random draw of the views inside this block stateless: draw ``n`` (in tracing order) uses the seed
+    ``fold_in(seed, n)``. ``seed`` is an int [2] tensor, e.g. (data seed, training step): the same step gives the same
+    views in any process, so a resumed run sees exactly the views of an uninterrupted one. ``None``: stateful RNG."""
+    if seed is None:
+        yield
+        return
+    _SEEDS.append([tf.cast(seed, tf.int64), 0])
+    try:
+        yield
+    finally:
+        _SEEDS.pop()
+
+
+def _uniform(shape, minval=0.0, maxval=1.0):
+    """``tf.random.uniform``, or its stateless counterpart inside :func:`seeded`."""
+    if not _SEEDS:
+        return tf.random.uniform(shape, minval, maxval)
+    state = _SEEDS[-1]
+    seed = tf.random.experimental.stateless_fold_in(state[0], state[1])
+    state[1] += 1
+    return tf.random.stateless_uniform(shape, seed, minval, maxval)
+
 
 def _per_image(images, p):
     """Boolean [B,1,1,1] mask, true with probability p per image."""
-    return tf.random.uniform([tf.shape(images)[0], 1, 1, 1]) < p
+    return _uniform([tf.shape(images)[0], 1, 1, 1]) < p
 
 
 def _gray(images):
@@ -37,12 +65,12 @@ class RandomResizedCrop(keras.layers.Layer):
 
     def call(self, images):
         b = tf.shape(images)[0]
-        area = tf.random.uniform([b], self.scale[0], self.scale[1])
-        log_r = tf.random.uniform([b], math.log(self.ratio[0]), math.log(self.ratio[1]))
+        area = _uniform([b], self.scale[0], self.scale[1])
+        log_r = _uniform([b], math.log(self.ratio[0]), math.log(self.ratio[1]))
         h = tf.minimum(tf.sqrt(area / tf.exp(log_r)), 1.0)
         w = tf.minimum(tf.sqrt(area * tf.exp(log_r)), 1.0)
-        y0 = tf.random.uniform([b]) * (1.0 - h)
-        x0 = tf.random.uniform([b]) * (1.0 - w)
+        y0 = _uniform([b]) * (1.0 - h)
+        x0 = _uniform([b]) * (1.0 - w)
         boxes = tf.stack([y0, x0, y0 + h, x0 + w], axis=1)
         return tf.image.crop_and_resize(images, boxes, tf.range(b), [self.size, self.size])
 
@@ -62,7 +90,7 @@ class ColorJitter(keras.layers.Layer):
         self.brightness, self.contrast, self.saturation, self.hue, self.p = brightness, contrast, saturation, hue, p
 
     def _factor(self, b, s):
-        return tf.random.uniform([b, 1, 1, 1], 1.0 - s, 1.0 + s)
+        return _uniform([b, 1, 1, 1], 1.0 - s, 1.0 + s)
 
     def call(self, images):
         b = tf.shape(images)[0]
@@ -77,7 +105,7 @@ class ColorJitter(keras.layers.Layer):
             x = tf.clip_by_value((x - g) * self._factor(b, self.saturation) + g, 0.0, 1.0)
         if self.hue and x.shape[-1] == 3:
             hsv = tf.image.rgb_to_hsv(x)
-            shift = tf.random.uniform([b, 1, 1], -self.hue, self.hue)
+            shift = _uniform([b, 1, 1], -self.hue, self.hue)
             hsv = tf.stack([tf.math.floormod(hsv[..., 0] + shift, 1.0), hsv[..., 1], hsv[..., 2]], axis=-1)
             x = tf.image.hsv_to_rgb(hsv)
         return tf.where(_per_image(images, self.p), x, images)
@@ -105,7 +133,7 @@ class GaussianBlur(keras.layers.Layer):
 
     def call(self, images):
         b, c = tf.shape(images)[0], images.shape[-1]
-        sigma = tf.random.uniform([b, 1], self.sigma[0], self.sigma[1])
+        sigma = _uniform([b, 1], self.sigma[0], self.sigma[1])
         r = tf.cast(tf.range(self.k) - self.k // 2, tf.float32)[None, :]
         kernel = tf.exp(-0.5 * tf.square(r / sigma))
         kernel = kernel / tf.reduce_sum(kernel, axis=1, keepdims=True)         # [B,k]
@@ -200,7 +228,12 @@ class Views(keras.layers.Layer):
         """True when the large views depend on the training step (a warm-up recipe is set)."""
         return bool(self.warmup)
 
-    def call(self, images, step=None):
+    def call(self, images, step=None, seed=None):
+        """``seed``: an int [2] tensor making the draws stateless (:func:`seeded`); None uses the stateful RNG."""
+        with seeded(seed):
+            return self._views(images, step)
+
+    def _views(self, images, step):
         if images.dtype == tf.uint8:
             images = tf.cast(images, tf.float32) / 255.0
         small = tuple(v(images) for v in self.small)

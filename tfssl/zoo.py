@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 
-from tfssl.export import _sha
+from tfssl.export import sha256_file
 
 MANIFEST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "export", "zoo.json")
 CARD_FIELDS = ("training", "evaluation", "input", "output", "formats", "onnx_opset", "parity", "versions", "files")
@@ -61,7 +61,7 @@ def _check_files(root, files):
         path = os.path.join(root, rel)
         if not os.path.isfile(path):
             bad.append(f"{rel} (missing)")
-        elif os.path.getsize(path) != meta["bytes"] or _sha(path) != meta["sha256"]:
+        elif os.path.getsize(path) != meta["bytes"] or sha256_file(path) != meta["sha256"]:
             bad.append(f"{rel} (sha256 differs)")
     return bad
 
@@ -108,7 +108,7 @@ def verify(path, name=None, manifest=MANIFEST):
         return name
     if not os.path.isfile(path):
         raise ZooError(f"{path} does not exist; pass a downloaded file or export directory")
-    digest = _sha(path)
+    digest = sha256_file(path)
     candidates = {name: entry(name, manifest)} if name else models
     for model_name, e in candidates.items():
         if any(meta["sha256"] == digest for meta in e.get("files", {}).values()):

@@ -20,9 +20,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfssl import data, distribute
+from tfssl import data, distribute, pipeline
 from tfssl.backbones import build_backbone, build_mlp, feature_dim
-from tfssl.optim import SGD
+from tfssl.optim import SGD, SkipNonFinite
 
 
 def normalize(x):
@@ -30,7 +30,7 @@ def normalize(x):
     return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=1)
 
 
-class SSLMethod(keras.Model):
+class SSLMethod(distribute.MultiWorkerFit, keras.Model):
     """Shared machinery of a self-supervised method; subclasses implement :meth:`student_loss`."""
 
     method_name = "base"
@@ -41,8 +41,11 @@ class SSLMethod(keras.Model):
     label_metric_names = ()      # scalars of :meth:`label_metrics` (need the monitoring labels)
 
     def __init__(self, params, model_cfg, num_classes=0, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3, views=None,
-                 total_steps=1, seed=0, steps_per_epoch=None, **kw):
+                 total_steps=1, seed=0, steps_per_epoch=None, on_nan="stop", **kw):
         super().__init__(name=kw.pop("name", self.method_name), **kw)
+        if on_nan not in ("stop", "skip"):
+            raise ValueError(f"on_nan={on_nan!r} is not one of stop, skip")
+        self.on_nan = on_nan
         self.params, self.model_cfg, self.num_classes = params, model_cfg, num_classes
         self.total_steps, self.seed = max(1, int(total_steps)), seed
         self.steps_per_epoch = int(steps_per_epoch or self.total_steps)
@@ -64,8 +67,8 @@ class SSLMethod(keras.Model):
             self.teacher_projector.set_weights(self.projector.get_weights())
             self.momentum = self.add_weight(shape=(), initializer=keras.initializers.Constant(params.momentum),
                                             trainable=False, name="momentum")
-        names = ("loss", "probe_loss", "probe_acc", "z_std") + tuple(self.metric_names) + tuple(self.label_metric_names)
-        self.trackers = {n: keras.metrics.Mean(name=n) for n in names}
+        names = ("loss", "probe_loss", "probe_acc", "z_std") + (("skipped",) if on_nan == "skip" else ()) + tuple(self.metric_names) + tuple(self.label_metric_names)
+        self.trackers = {n: keras.metrics.Sum(name=n) if n == "skipped" else keras.metrics.Mean(name=n) for n in names}
         self.built = True  # every variable exists now; Keras must not trace call() on view dicts to build
 
     # ----------------------------------------------------------------- pieces methods use
@@ -97,7 +100,7 @@ class SSLMethod(keras.Model):
         ptr = self.add_weight(shape=(), dtype="int32", initializer="zeros", trainable=False, name=name + "_ptr")
         return queue, ptr
 
-    def enqueue(self, queue, ptr, keys):
+    def enqueue(self, queue, ptr, keys, when=None):
         """Write the gathered keys of all replicas (global batch order: replica 0's rows first) at the pointer.
 
         Rows ``ptr … ptr+B−1`` (mod K) are replaced, i.e. the oldest entries; ``ptr ← (ptr + B) mod K``. Every
@@ -106,6 +109,9 @@ class SSLMethod(keras.Model):
         keys = distribute.gather(tf.cast(keys, queue.dtype))
         n, size = tf.shape(keys)[0], queue.shape[0]
         idx = tf.math.floormod(ptr + tf.range(n), size)
+        if when is not None:                        # train.on_nan: skip — a skipped step writes nothing
+            keys = tf.where(when, keys, tf.gather(queue, idx))
+            n = tf.where(when, n, 0)
         queue.assign(tf.tensor_scatter_nd_update(queue, idx[:, None], keys))
         ptr.assign(tf.math.floormod(ptr + n, size))
 
@@ -148,14 +154,28 @@ class SSLMethod(keras.Model):
         return {}
 
     # ----------------------------------------------------------------- hooks of the pretraining job (train.py)
-    def make_pipeline(self, source, views, cfg):
-        """The tf.data pipeline of pretraining: shuffled, batched, views made in the pipeline unless on the device."""
-        return data.train_pipeline(source.train, cfg.train.batch_size, None if cfg.augment.on_device else views,
-                                   seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+    def make_pipeline(self, source, views, cfg, steps, epoch):
+        """The tf.data pipeline of pretraining: one epoch of ``steps`` batches fixed by (data seed, ``epoch``: a host
+        int64 variable set at every epoch start), views made in the pipeline unless on the device. A source
+        without random access (large TFDS) gets an endless stream instead (:func:`tfssl.pipeline.stream_pipeline`)."""
+        pipeline_views = None if cfg.augment.on_device else views
+        try:
+            data.indexed(source)
+        except data.DataError:
+            return pipeline.stream_pipeline(source.train, cfg.train.batch_size, steps, epoch, pipeline_views,
+                                        seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+        return pipeline.epoch_pipeline(source, cfg.train.batch_size, steps, epoch, pipeline_views, seed=cfg.data.seed)
 
     def job_callbacks(self, source, cfg, log=print):
         """Extra Keras callbacks of pretraining (CsMl: neighbour mining)."""
         return []
+
+    def job_state(self):
+        """(host variables, callable → JSON-able records) a resumed run needs beyond the model's own weights."""
+        return {}, dict
+
+    def load_job_state(self, records):
+        """Restore the records of :meth:`job_state` from a backup (``{}`` on a fresh run)."""
 
     def job_summary(self):
         """Extra summary.json entries after pretraining."""
@@ -173,11 +193,15 @@ class SSLMethod(keras.Model):
     def compile(self, optimizer="sgd", probe_optimizer=None, **kw):
         """Compile with the student's optimizer and (optional) probe optimizer; builds both on their variables."""
         super().compile(optimizer=optimizer, **kw)
+        if self.on_nan == "skip" and not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            self.optimizer = SkipNonFinite(self.optimizer)      # (mixed_float16's loss scaling already skips)
         if getattr(self.optimizer, "weight_decay", None) and not isinstance(self.optimizer, SGD):
             # Keras optimizers (e.g. Lamb) decay every variable: exempt BN parameters and biases, as tfssl's own do
             self.optimizer.exclude_from_weight_decay(var_list=[v for v in self.student_variables if len(v.shape) <= 1])
         self.optimizer.build(self.student_variables)
         self.probe_optimizer = probe_optimizer or SGD(0.1, momentum=0.9, name="probe_sgd")
+        if self.on_nan == "skip":
+            self.probe_optimizer = SkipNonFinite(self.probe_optimizer)
         if self.probe is not None:
             self.probe_optimizer.build(self.probe.trainable_variables)
 
@@ -196,8 +220,11 @@ class SSLMethod(keras.Model):
             if self.views is None:
                 raise ValueError("train_step got raw images but the model has no on-device views; pass views=… "
                                  "or feed {'views': (…)} from the pipeline")
-            step = self.optimizer.iterations if getattr(self.views, "scheduled", False) else None
-            views = self.views(images, step=step)
+            step = self.optimizer.iterations
+            # stateless draws keyed by (seed, step, replica): a resumed run makes the same views (resume.py)
+            seed = tf.random.experimental.stateless_fold_in(
+                tf.stack([tf.constant(self.seed, tf.int64), tf.cast(step, tf.int64)]), distribute.replica_id())
+            views = self.views(images, step=step, seed=seed)
         return views, labels
 
     def loss_and_gradients(self, views):
@@ -209,32 +236,64 @@ class SSLMethod(keras.Model):
             scaled = self.optimizer.scale_loss(loss) if self.optimizer is not None else loss
         return loss, out, tape.gradient(scaled, self.student_variables)
 
+    def agree_finite(self, loss, grads):
+        """``train.on_nan: skip``: (finite, grads) where ``finite`` is true when the loss and gradients of *every*
+        replica are finite, and the gradients are made non-finite on every replica otherwise, so that all replicas
+        skip the same step (:class:`tfssl.optim.SkipNonFinite`)."""
+        local = tf.reduce_all([tf.reduce_all(tf.math.is_finite(tf.cast(t, tf.float32))) for t in [loss] + grads])
+        finite = distribute.global_sum(1.0 - tf.cast(local, tf.float32)) == 0.0
+        nan = tf.constant(float("nan"))
+        return finite, [tf.where(finite, g, tf.cast(nan, g.dtype)) for g in grads]
+
+    def _step_state(self):
+        """What a step changes besides the optimizer and queues: BatchNorm moving statistics of every network and
+        the teacher (EMA). A skipped step (``train.on_nan: skip``) puts back their values from before it."""
+        teacher = [t for t, _ in self.teacher_pairs] if self.uses_teacher else []
+        return [v for v in self.non_trainable_variables if "moving_" in v.path] + teacher
+
     def train_step(self, data):
         views, labels = self._unpack(data)
+        skip = self.on_nan == "skip"
+        if skip:
+            before = [tf.identity(v) for v in self._step_state()]
         if self.uses_teacher:
-            self.update_teacher()
+            # only once the batch is there: a call that finds the input exhausted must not move the teacher
+            with tf.control_dependencies([views[0]]):
+                self.update_teacher()
         loss, out, grads = self.loss_and_gradients(views)
+        finite = tf.constant(True)
+        if skip:
+            finite, grads = self.agree_finite(loss, grads)
         self.optimizer.apply_gradients(zip(grads, self.student_variables))
         for queue, ptr, keys in out.get("enqueue", ()):
-            self.enqueue(queue, ptr, keys)
-        self.trackers["loss"].update_state(distribute.global_sum(loss))
+            self.enqueue(queue, ptr, keys, finite if skip else None)
+        if skip:
+            for v, old in zip(self._step_state(), before):
+                v.assign(tf.where(finite, v, old))
+            self.trackers["skipped"].update_state(1.0 - tf.cast(finite, tf.float32))
+
+        def track(name, value):                     # a skipped step does not enter the epoch means
+            value = tf.cast(value, tf.float32)
+            self.trackers[name].update_state(tf.where(finite, value, 0.0), sample_weight=tf.cast(finite, tf.float32))
+        track("loss", distribute.global_sum(loss))
         z = out["z"]
         z_std = tf.reduce_mean(tf.math.reduce_std(z, axis=0))
-        self.trackers["z_std"].update_state(distribute.global_mean(z_std))
+        track("z_std", distribute.global_mean(z_std))
         for name in self.metric_names:
-            self.trackers[name].update_state(distribute.global_mean(out[name]))
+            track(name, distribute.global_mean(out[name]))
         if labels is not None:
             for name, value in self.label_metrics(out, labels).items():
-                self.trackers[name].update_state(value)
+                track(name, value)
         if self.probe is not None and labels is not None:
-            self.probe_step(out["features"], labels)
+            features = tf.where(finite, out["features"], tf.zeros_like(out["features"])) if skip else out["features"]
+            self.probe_step(features, labels, finite)
         logs = {name: t.result() for name, t in self.trackers.items()}
         logs["lr"] = self.optimizer.learning_rate
         if self.uses_teacher:
             logs["momentum"] = tf.identity(self.momentum)
         return logs
 
-    def probe_step(self, features, labels):
+    def probe_step(self, features, labels, finite=True):
         """Online linear probe on sg(features); unlabelled rows (label < 0) are ignored."""
         features = tf.stop_gradient(tf.cast(features, tf.float32))
         labels = tf.cast(labels, tf.int32)
@@ -245,6 +304,8 @@ class SSLMethod(keras.Model):
             ce = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.maximum(labels, 0), logits)
             loss = tf.reduce_sum(ce * mask) / count
         grads = tape.gradient(loss, self.probe.trainable_variables)
+        if self.on_nan == "skip":                  # skipped with the student's step
+            grads = [tf.where(finite, g, tf.cast(float("nan"), g.dtype)) for g in grads]
         self.probe_optimizer.apply_gradients(zip(grads, self.probe.trainable_variables))
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, 1, output_type=tf.int32), labels), tf.float32) * mask)
         self.trackers["probe_loss"].update_state(distribute.global_sum(loss))

@@ -12,7 +12,7 @@ teacher k_i, k_j, and (step 5, :func:`tfssl.losses.csml_terms`)
 their own head (a slim copy of stage 4, then an MLP like the projector) with their own queue — a reconstruction
 of the multi-level part, which the authors did not release. Shuffle-BN → synchronized BN (as MoCo v2 here).
 
-A batch from :func:`tfssl.data.pair_pipeline` is ``views = (q_i, k_i, q_j, k_j, q_m, λ′ per row)``.
+A batch from :func:`tfssl.pipeline.pair_pipeline` is ``views = (q_i, k_i, q_j, k_j, q_m, λ′ per row)``.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import ClassVar, List
 import numpy as np
 import tensorflow as tf
 
-from tfssl import config, data
+from tfssl import config, data, pipeline
 from tfssl.backbones import build_stage_head, stage3_model
 from tfssl.losses import csml_terms
 from tfssl.methods.base import SSLMethod, normalize
@@ -118,8 +118,8 @@ class CsMl(SSLMethod):
         return share, out
 
     # ----------------------------------------------------------------- pretraining job: pairs and mining
-    def make_pipeline(self, source, views, cfg):
-        """:func:`tfssl.data.pair_pipeline` over a host neighbour table, initially every image its own neighbour."""
+    def make_pipeline(self, source, views, cfg, steps, epoch):
+        """:func:`tfssl.pipeline.pair_pipeline` over a host neighbour table, initially every image its own neighbour."""
         from tfssl.cutmix import cutmix
         if cfg.augment.on_device:
             raise config.ConfigError("csml makes its pairs and CutMix in the input pipeline; set "
@@ -128,11 +128,11 @@ class CsMl(SSLMethod):
         with tf.device("/cpu:0"):
             self.neighbour_table = tf.Variable(np.tile(np.arange(source.num_train, dtype=np.int32)[:, None], (1, k)),
                                                trainable=False, name="neighbour_table")
-        return data.pair_pipeline(source, self.neighbour_table, views, cfg.train.batch_size, cutmix,
-                                  seed=cfg.data.seed or 0)
+        return pipeline.pair_pipeline(source, self.neighbour_table, views, cfg.train.batch_size, cutmix,
+                                  seed=cfg.data.seed or 0, steps=steps, epoch=epoch)
 
     def job_callbacks(self, source, cfg, log=print):
-        """The :class:`tfssl.mining.NeighbourMiner`; the epoch-0 mining runs now, before the first batch is read."""
+        """The :class:`tfssl.mining.NeighbourMiner` (it mines at epoch starts, before the epoch's batches are read)."""
         from tfssl.mining import NeighbourMiner
         p, side, size = self.params, cfg.data.image_size, cfg.augment.size
         images = data.eval_pipeline(source.train, 256)
@@ -143,8 +143,14 @@ class CsMl(SSLMethod):
                                     p.neighbours, labels=source.num_classes > 0, query_chunk=p.mine_query_chunk,
                                     bank_chunk=p.mine_bank_chunk, log=log)
         self.miner.set_model(self)
-        self.miner.mine(0)
         return [self.miner]
+
+    def job_state(self):
+        """The neighbour table and the mining history (a resumed run mines again only at its ``mine_every`` epochs)."""
+        return {"neighbour_table": self.neighbour_table}, lambda: {"mining": list(self.miner.history)}
+
+    def load_job_state(self, records):
+        self.miner.history[:] = records.get("mining", [])
 
     def job_summary(self):
         """``neighbour_label_agreement``: per mining, the fraction of table entries sharing the anchor's label

@@ -1,0 +1,136 @@
+"""Preemption-safe resume (tfssl/resume.py): a run killed with SIGKILL mid-epoch and restarted with the same command
+ends with the same weights as an uninterrupted run; corrupt backups are reported and skipped."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import h5_weights, tiny_config
+from tfssl import methods, resume
+from tfssl.optim import build_optimizer
+
+RUN = ["data.limit=256", "data.test_limit=128", "train.epochs=3", "train.batch_size=64", "train.verbose=0",
+       "model.backbone=tiny", "model.projector_hidden=32", "eval.knn_train_limit=256", "train.deterministic=true"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _command(recipe, workdir, sets):
+    return [sys.executable, "-m", "tfssl", "pretrain", recipe, "--workdir", str(workdir)] + sum(
+        (["--set", s] for s in RUN + sets), [])
+
+
+def _run(recipe, workdir, sets):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+    return subprocess.run(_command(recipe, workdir, sets), env=env, capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe,sets", [
+    ("ressl_fashion_mnist", ["method.queue_size=256"]),
+    ("mocov2_fashion_mnist", ["method.queue_size=256", "augment.on_device=true"]),      # views made in train_step
+    ("csml_fashion_mnist", ["method.queue_size=256", "method.mine_every=2"]),           # neighbour table restored
+], ids=["ressl", "mocov2-on-device", "csml"])
+def test_sigkill_mid_epoch_then_same_command_equals_uninterrupted(recipe, sets, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert _run(recipe, whole, sets).returncode == 0
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+    proc = subprocess.Popen(_command(recipe, killed, sets), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first = killed / "backup" / "epoch-0001" / "state.json"
+    deadline = time.time() + 300
+    while not first.exists():                   # the epoch-1 backup is renamed into place complete
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)            # now, in the middle of epoch 2
+    assert proc.wait() == -signal.SIGKILL
+    assert not (killed / "summary.json").exists()
+    done = sorted(os.listdir(killed / "backup"))
+    assert done[0] == "epoch-0001"
+    again = _run(recipe, killed, sets)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resume: continuing from {killed / 'backup' / done[-1]}" in again.stdout
+    a, b = h5_weights(whole / "checkpoints" / "last.weights.h5"), h5_weights(killed / "checkpoints" / "last.weights.h5")
+    assert a.keys() == b.keys() and len(a) > 50
+    for name in a:                              # weights, teacher, queues, optimizer slots, probe, BN statistics
+        np.testing.assert_allclose(b[name], a[name], rtol=0, atol=1e-6, err_msg=name)
+    sa, sb = json.load(open(whole / "summary.json")), json.load(open(killed / "summary.json"))
+    assert len(sb["history"]["loss"]) == 3 and sb["resumed_from_epoch"] == int(done[-1][-4:])
+    np.testing.assert_allclose(sb["history"]["loss"], sa["history"]["loss"], rtol=1e-6)
+    if recipe.startswith("csml"):               # epochs 0 and 2 mined, once each, over the two attempts
+        assert [m["epoch"] for m in sb["neighbour_label_agreement"]] == [0, 2]
+    if recipe.startswith("ressl"):              # the same command once more: nothing to do, nothing overwritten
+        third = _run(recipe, killed, sets)
+        assert third.returncode == 0 and "all 3 epochs of this run are done" in third.stdout
+        assert json.load(open(killed / "summary.json")) == sb
+
+
+def test_sigkill_control_a_different_seed_gives_different_weights(tmp_path):
+    """The equality above is not vacuous: a run with another data seed ends elsewhere."""
+    sets = ["method.queue_size=256", "train.epochs=1"]
+    assert _run("ressl_fashion_mnist", tmp_path / "a", sets).returncode == 0
+    assert _run("ressl_fashion_mnist", tmp_path / "b", sets + ["data.seed=1"]).returncode == 0
+    a, b = h5_weights(tmp_path / "a" / "checkpoints" / "last.weights.h5"), \
+        h5_weights(tmp_path / "b" / "checkpoints" / "last.weights.h5")
+    assert max(float(np.max(np.abs(a[n].astype(float) - b[n].astype(float)))) for n in a if a[n].size) > 1e-3
+
+
+def _tiny_model():
+    cfg = tiny_config("mocov2", queue_size=64)
+    model = methods.build(cfg, 10, (0.5,), (0.5,), 10)
+    model.compile(build_optimizer(cfg.train, 10, 5))
+    return cfg, model
+
+
+def test_corrupt_newest_backup_is_reported_and_the_previous_one_used(tmp_path):
+    import tensorflow as tf
+    cfg, model = _tiny_model()
+    table = tf.Variable(np.zeros((6, 2), np.int32))
+    logs = []
+    backup = resume.Backup(str(tmp_path), cfg.to_dict(), {"table": table}, lambda: {"n": 1}, log=logs.append)
+    backup.set_model(model)
+    first = [w.numpy().copy() for w in model.weights]
+    table.assign(np.ones((6, 2), np.int32))
+    backup.on_epoch_end(0, {"loss": 2.0})
+    for w in model.weights:
+        if w.dtype == "float32":
+            w.assign(w + 1.0)
+    backup.on_epoch_end(1, {"loss": 1.0})
+    os.makedirs(tmp_path / ".tmp-epoch-0003")    # a kill while writing epoch 3: never looked at
+    assert sorted(os.listdir(tmp_path)) == [".tmp-epoch-0003", "epoch-0001", "epoch-0002"]
+    with open(tmp_path / "epoch-0002" / "state.weights.h5", "r+b") as f:
+        f.truncate(1000)                         # a partial file
+    table.assign(np.zeros((6, 2), np.int32))
+    fresh = resume.Backup(str(tmp_path), cfg.to_dict(), {"table": table}, log=logs.append)
+    epoch, records = fresh.restore(model)
+    assert epoch == 1 and records == {"n": 1} and fresh.history == {"loss": [2.0]}
+    assert any("epoch-0002 is unusable" in line and "checksum" in line for line in logs)
+    for w, value in zip(model.weights, first):
+        np.testing.assert_array_equal(w.numpy(), value)
+    np.testing.assert_array_equal(table.numpy(), np.ones((6, 2)))
+    with open(tmp_path / "epoch-0001" / "host.npz", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(resume.ResumeError, match="delete that directory"):
+        fresh.restore(model)
+
+
+def test_backup_of_another_recipe_is_refused_and_old_backups_pruned(tmp_path):
+    cfg, model = _tiny_model()
+    backup = resume.Backup(str(tmp_path), cfg.to_dict(), log=lambda *_: None)
+    backup.set_model(model)
+    for epoch in range(4):
+        backup.on_epoch_end(epoch, {})
+    assert sorted(os.listdir(tmp_path)) == ["epoch-0003", "epoch-0004"]    # the two newest are kept
+    other = cfg.to_dict()
+    other["train"]["lr"] = 1.0
+    with pytest.raises(resume.ResumeError, match="different recipe"):
+        resume.Backup(str(tmp_path), other).restore(model)
+    devices = cfg.to_dict()
+    devices["distribute"]["strategy"] = "mirrored"               # same run on other devices: allowed
+    assert resume.Backup(str(tmp_path), devices, log=lambda *_: None).restore(model)[0] == 4
+    assert resume.Backup(str(tmp_path / "none"), cfg.to_dict()).restore(model) == (0, {})
