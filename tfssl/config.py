@@ -70,7 +70,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     probe_lr: float = 0.1
     seed: int = 0
-    jit_compile: bool = False
+    jit_compile: bool = True                # XLA-compile the train step (bench/NOTES.md 1); off under multi-worker on CPU
     precision: str = "float32"
     resume: bool = True                     # continue from RUN/backup after a kill (same command, same recipe)
     deterministic: bool = False             # TensorFlow's deterministic ops (bit-identical reruns; slower)
