@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
+from multiworker_worker import build as _build  # the same build the multi-worker cases use
 from tfssl import methods
 from tfssl.optim import SGD
 
@@ -37,15 +38,6 @@ def _views(cfg, seed=0):
         views = tuple(rng.uniform(0, 1, (B, 32, 32, 3)).astype("float32") for _ in range(5))
         views += (np.full(B, rng.uniform(0.2, 0.9), "float32"),)
     return views, rng.integers(0, 10, B).astype("int32")
-
-
-def _build(cfg, strategy, weights=None):
-    with strategy.scope():
-        model = methods.build(cfg, num_classes=10, total_steps=10)
-        model.compile(SGD(0.1, momentum=0.9, weight_decay=5e-4), probe_optimizer=SGD(0.1, momentum=0.9))
-        if weights is not None:
-            model.set_weights(weights)
-    return model
 
 
 def _grads(model, strategy, views):
