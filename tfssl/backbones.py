@@ -6,6 +6,8 @@ feature map as a second output (CsMl's multi-level head needs it).
 """
 from __future__ import annotations
 
+import math
+
 import keras
 import tensorflow as tf
 from keras import layers
@@ -24,15 +26,77 @@ def feature_dim(name: str, width: float = 1.0) -> int:
     return int(widths[-1] * width) * (4 if kind == "bottleneck" else 1)
 
 
+def batch_norm_train(x, gamma, beta, epsilon):
+    """Training-mode batch normalisation over every axis but the last, with a closed-form gradient.
+
+    y = γ·x̂ + β with x̂ = (x − μ)/√(σ² + ε), μ and σ² the (biased) batch mean and variance computed in two passes
+    as ``tf.nn.moments`` (Ioffe & Szegedy 2015, Alg. 1). Returns (y, μ, σ²); μ and σ² carry no gradient (they feed
+    the moving statistics). The backward pass is the textbook one (Alg. 1's chain rule, simplified):
+    ∂β = Σ g, ∂γ = Σ g·x̂, ∂x = γ/√(σ² + ε) · (g − mean(g) − x̂·mean(g·x̂)), with every reduction over the M rows.
+    Autodiff of the moments instead yields more, separately fused passes over the activation, which XLA:CPU emits
+    as slow reduce-window loops (bench/NOTES.md §4); the result is the same to float32 rounding.
+    """
+    shape, channels = tf.shape(x), x.shape[-1]
+
+    @tf.custom_gradient
+    def bn(x, gamma, beta):
+        rows = tf.reshape(x, (-1, channels))
+        m = tf.cast(tf.shape(rows)[0], x.dtype)
+        mean = tf.reduce_sum(rows, 0) / m
+        centred = rows - mean
+        variance = tf.reduce_sum(centred * centred, 0) / m
+        inv = tf.math.rsqrt(variance + epsilon)
+        xhat = centred * inv
+
+        def grad(g, _dmean, _dvariance):
+            g = tf.reshape(g, (-1, channels))
+            g_sum, gx_sum = tf.reduce_sum(g, 0), tf.reduce_sum(g * xhat, 0)
+            dx = (gamma * inv) * (g - g_sum / m - xhat * (gx_sum / m))
+            return tf.reshape(dx, shape), gx_sum, g_sum
+        return (tf.reshape(xhat * gamma + beta, shape), mean, variance), grad
+
+    y, mean, variance = bn(x, gamma, beta)
+    return y, tf.stop_gradient(mean), tf.stop_gradient(variance)
+
+
 @keras.saving.register_keras_serializable(package="tfssl")
-class SyncBatchNormalization(layers.BatchNormalization):
+class FusedBatchNormalization(layers.BatchNormalization):
+    """BatchNormalization whose training step is :func:`batch_norm_train` (statistics of this replica's batch).
+
+    Same variables, config, moving-statistics update and inference path as Keras's layer; only the training-mode
+    forward/backward is written out. Masks and renorm fall back to Keras's implementation. Exported backbones
+    swap it for the stock layer (:func:`tfssl.export.plain_backbone`).
+    """
+
+    def _fused_ok(self, training, mask):
+        return bool(training) and self.trainable and mask is None and not self.renorm and self.scale and self.center
+
+    def call(self, inputs, training=None, mask=None):
+        last_axis_only = list(self._reduction_axes) == list(range(len(inputs.shape) - 1))
+        if not (last_axis_only and self._fused_ok(training, mask)):
+            return super().call(inputs, training=training, mask=mask)
+        x = tf.cast(inputs, tf.float32)          # float32 statistics under mixed precision, as Keras's layer
+        y, mean, variance = batch_norm_train(x, tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32),
+                                             self.epsilon)
+        m = self.momentum                         # the moving statistics are float32 variables
+        self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
+        self.moving_variance.assign(self.moving_variance * m + variance * (1.0 - m))
+        return tf.cast(y, self.compute_dtype)
+
+
+@keras.saving.register_keras_serializable(package="tfssl")
+class SyncBatchNormalization(FusedBatchNormalization):
     """BatchNorm whose batch statistics span all replicas, computed in two passes.
 
     Keras's ``synchronized=True`` computes var = E[x²] − E[x]² from all-reduced sums, which loses float32 precision
     when the variance is small next to the mean (small late-stage maps, multi-crop) and so differs from one device's
     ``tf.nn.moments``. Here the global mean is all-reduced first, then the global sum of squared deviations, so N
-    replicas × B/N give the statistics of one device × B. On one replica it is plain BatchNormalization.
+    replicas × B/N give the statistics of one device × B. On one replica it is :class:`FusedBatchNormalization`.
     """
+
+    def _fused_ok(self, training, mask):
+        ctx = tf.distribute.get_replica_context()
+        return super()._fused_ok(training, mask) and (ctx is None or ctx.num_replicas_in_sync == 1)
 
     def _moments(self, inputs, mask):
         ctx = tf.distribute.get_replica_context()
@@ -46,8 +110,50 @@ class SyncBatchNormalization(layers.BatchNormalization):
         return (tf.cast(tf.squeeze(mean, axes), inputs.dtype), tf.cast(tf.squeeze(variance, axes), inputs.dtype))
 
 
+def conv2d_chunked_grad(x, kernel, stride, chunk_bytes=2 << 20):
+    """``tf.nn.conv2d(x, kernel, stride, "SAME")`` whose kernel gradient is summed over chunks of the batch.
+
+    Forward and input gradient are the usual ones (∂x = conv2d_transpose(g, kernel)); the kernel gradient
+    ∂W = Σ_n x_n ⋆ g_n (the correlation of each image with its output gradient) is split into sums over chunks of
+    images whose activations take at most ``chunk_bytes``: XLA:CPU computes ∂W with the input transposed to
+    batch-minor layout, and on a whole ResNet stage-1 batch that transpose is cache-hostile (bench/NOTES.md §4).
+    A batch of unknown size is one chunk. The result equals the unchunked gradient up to float32 summation order.
+    """
+    x, kernel = tf.convert_to_tensor(x), tf.convert_to_tensor(kernel)   # a Keras kernel variable → its value
+    n = x.shape[0]
+    per_image = max(1, math.prod(x.shape[1:]) * x.dtype.size)
+    chunk = max(1, chunk_bytes // per_image)
+
+    @tf.custom_gradient
+    def conv(x, kernel):
+        def grad(g):
+            dx = tf.nn.conv2d_transpose(g, kernel, tf.shape(x), stride, "SAME")
+            parts = [(x, g)] if n is None or chunk >= n else \
+                [(x[i:i + chunk], g[i:i + chunk]) for i in range(0, n, chunk)]
+            dw = tf.add_n([tf.raw_ops.Conv2DBackpropFilter(input=xi, filter_sizes=tf.shape(kernel), out_backprop=gi,
+                                                            strides=[1, stride, stride, 1], padding="SAME")
+                           for xi, gi in parts])
+            return dx, dw
+        return tf.nn.conv2d(x, kernel, stride, "SAME"), grad
+    return conv(x, kernel)
+
+
+@keras.saving.register_keras_serializable(package="tfssl")
+class ChunkedGradConv2D(layers.Conv2D):
+    """Keras Conv2D (``same`` padding, square stride, no dilation or groups, channels-last) whose kernel gradient
+    is :func:`conv2d_chunked_grad`; anything else is Keras's convolution. Exports swap it for the stock layer."""
+
+    def convolution_op(self, inputs, kernel):
+        simple = (self.padding == "same" and self.data_format == "channels_last" and self.groups == 1
+                  and self.strides[0] == self.strides[1] and tuple(self.dilation_rate) == (1, 1)
+                  and None not in inputs.shape[1:])
+        if not simple:
+            return super().convolution_op(inputs, kernel)
+        return conv2d_chunked_grad(inputs, kernel, self.strides[0])
+
+
 def _bn(sync, name, zero=False):
-    cls = SyncBatchNormalization if sync else layers.BatchNormalization
+    cls = SyncBatchNormalization if sync else FusedBatchNormalization
     return cls(momentum=0.9, epsilon=1e-5, name=name, gamma_initializer="zeros" if zero else "ones")
 
 
@@ -55,8 +161,8 @@ def _conv(filters, k, stride, name):
     # a fresh initializer per layer: one shared Keras 3 initializer object draws the *same* kernel for every layer
     # of the same shape, ignoring keras.utils.set_random_seed (He et al. fan-out normal, as torchvision's ResNet)
     init = keras.initializers.VarianceScaling(2.0, "fan_out", "truncated_normal")
-    return layers.Conv2D(filters, k, strides=stride, padding="same", use_bias=False, kernel_initializer=init,
-                         name=name)
+    return ChunkedGradConv2D(filters, k, strides=stride, padding="same", use_bias=False, kernel_initializer=init,
+                             name=name)
 
 
 def _block(x, kind, filters, stride, sync, name):

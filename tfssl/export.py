@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfssl import __version__
-from tfssl.backbones import SyncBatchNormalization
+from tfssl.backbones import ChunkedGradConv2D, FusedBatchNormalization
 
 FORMATS = ("savedmodel", "onnx", "keras")
 ONNX_OPSET = 17
@@ -45,13 +45,14 @@ class ExportError(ValueError):
 
 
 def plain_backbone(backbone):
-    """A copy of ``backbone`` made of stock Keras layers only (SyncBatchNormalization → BatchNormalization).
+    """A copy of ``backbone`` made of stock Keras layers only (tfssl's BatchNorm and Conv2D classes → Keras's).
 
     Same config and weights, so inference-mode outputs are identical; every layer computes in float32 (a mixed
     precision policy is not exported); multi-output backbones keep only the pooled output.
     """
     def swap(layer):
-        cls = keras.layers.BatchNormalization if isinstance(layer, SyncBatchNormalization) else type(layer)
+        cls = (keras.layers.BatchNormalization if isinstance(layer, FusedBatchNormalization)
+               else keras.layers.Conv2D if isinstance(layer, ChunkedGradConv2D) else type(layer))
         return cls.from_config({**layer.get_config(), "dtype": "float32"})
 
     plain = keras.models.clone_model(backbone, clone_function=swap)

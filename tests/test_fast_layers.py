@@ -1,0 +1,166 @@
+"""tfssl's backbone layers with hand-written training gradients (bench/NOTES.md §4).
+
+BatchNorm (closed-form gradient): forward against numpy float64, gradients against autodiff of the textbook formula
+in float64 and finite differences, the layer against Keras's BatchNormalization (outputs, moving statistics,
+gradients), eagerly and under XLA; inference, masks and exports keep Keras's behaviour. Conv2D with the kernel
+gradient summed over batch chunks: against autodiff of ``tf.nn.conv2d`` for every kernel/stride/remainder case."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfssl.backbones import (ChunkedGradConv2D, FusedBatchNormalization, SyncBatchNormalization, batch_norm_train,
+                             build_backbone, conv2d_chunked_grad)
+from tfssl.export import plain_backbone
+
+SHAPES = [(7, 5), (4, 3, 3, 6), (16, 8, 8, 32), (2, 1, 1, 3)]
+
+
+def _inputs(shape, seed):
+    rng = np.random.default_rng(seed)
+    c = shape[-1]
+    x = rng.standard_normal(shape) * rng.uniform(0.1, 3.0, c) + rng.uniform(-2, 2, c)   # per-channel scale, offset
+    return x, rng.uniform(0.5, 1.5, c), rng.standard_normal(c), rng.standard_normal(shape)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_matches_numpy_float64(shape):
+    x, gamma, beta, _ = _inputs(shape, 0)
+    axes = tuple(range(len(shape) - 1))
+    mean, var = x.mean(axes), x.var(axes)
+    ref = gamma * (x - mean) / np.sqrt(var + 1e-5) + beta
+    y, m, v = batch_norm_train(*(tf.constant(a, tf.float32) for a in (x, gamma, beta)), 1e-5)
+    np.testing.assert_allclose(y.numpy(), ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(m.numpy(), mean, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(v.numpy(), var, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [tf.float64, tf.float32])
+def test_gradients_match_autodiff_of_the_formula(shape, dtype):
+    x, gamma, beta, upstream = _inputs(shape, 1)
+    axes = list(range(len(shape) - 1))
+    args = [tf.constant(a, dtype) for a in (x, gamma, beta)]
+    w = tf.constant(upstream, dtype)
+
+    def reference(x, gamma, beta):                    # what Keras's layer differentiates
+        mean, var = tf.nn.moments(x, axes)
+        return tf.nn.batch_normalization(x, mean, var, beta, gamma, 1e-5)
+
+    grads = {}
+    for name, fn in (("fused", lambda *a: batch_norm_train(*a, 1e-5)[0]), ("reference", reference)):
+        with tf.GradientTape() as tape:
+            tape.watch(args)
+            loss = tf.reduce_sum(tf.tanh(fn(*args)) * w)  # a non-linear loss: the upstream gradient varies
+        grads[name] = [g.numpy() for g in tape.gradient(loss, args)]
+    tol = 1e-10 if dtype == tf.float64 else 2e-4
+    for got, want in zip(grads["fused"], grads["reference"]):
+        np.testing.assert_allclose(got, want, atol=tol * max(1.0, np.abs(want).max()), rtol=tol)
+
+
+def test_gradient_matches_finite_differences():
+    x, gamma, beta, upstream = _inputs((3, 2, 2, 2), 2)
+    w = tf.constant(upstream)
+    f = lambda x, g, b: tf.reduce_sum(tf.sin(batch_norm_train(x, g, b, 1e-5)[0]) * w)   # noqa: E731
+    theoretical, numerical = tf.test.compute_gradient(f, [tf.constant(a) for a in (x, gamma, beta)], delta=1e-6)
+    for t, n in zip(theoretical, numerical):
+        np.testing.assert_allclose(t, n, atol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_layer_equals_keras_batch_normalization(jit):
+    x, _, _, upstream = _inputs((8, 4, 4, 6), 3)
+    x, w = tf.constant(x, tf.float32), tf.constant(upstream, tf.float32)
+    layers = {}
+    for cls in (FusedBatchNormalization, keras.layers.BatchNormalization):
+        layer = cls(momentum=0.9, epsilon=1e-5)
+        layer.build(x.shape)
+        layer.gamma.assign(np.linspace(0.5, 1.5, 6))
+        layer.beta.assign(np.linspace(-1, 1, 6))
+        layers[cls] = layer
+
+    def step(layer):
+        @tf.function(jit_compile=jit)
+        def run(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(tf.nn.relu(y) * w)
+            return [y] + tape.gradient(loss, [x, layer.gamma, layer.beta])
+        return [t.numpy() for t in run(x)]
+    ours, keras_ = step(layers[FusedBatchNormalization]), step(layers[keras.layers.BatchNormalization])
+    for a, b in zip(ours, keras_):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+    for a, b in zip(layers[FusedBatchNormalization].non_trainable_weights,
+                    layers[keras.layers.BatchNormalization].non_trainable_weights):   # moving mean, variance
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6, rtol=1e-5)
+        assert not np.allclose(a.numpy(), [0.0, 1.0][int("variance" in a.path)])   # the update did happen
+    # inference uses the moving statistics, exactly as Keras
+    np.testing.assert_allclose(layers[FusedBatchNormalization](x, training=False).numpy(),
+                               layers[keras.layers.BatchNormalization](x, training=False).numpy(), atol=1e-6)
+
+
+def test_mixed_precision_inputs_keep_float32_statistics():
+    layer = FusedBatchNormalization(momentum=0.9, dtype="mixed_float16")
+    x = tf.constant(np.random.default_rng(4).standard_normal((16, 5)) * 100 + 1000, tf.float16)
+    y = layer(x, training=True)
+    assert y.dtype == tf.float16 and layer.moving_mean.dtype == tf.float32
+    np.testing.assert_allclose(layer.moving_mean.numpy(), 0.1 * x.numpy().astype("float64").mean(0), rtol=1e-3)
+
+
+def test_masked_and_frozen_calls_fall_back_to_keras():
+    x = tf.constant(np.random.default_rng(5).standard_normal((2, 6, 3)), tf.float32)
+    mask = tf.constant([[True] * 4 + [False] * 2, [True] * 6])
+    ours, ref = FusedBatchNormalization(), keras.layers.BatchNormalization()
+    np.testing.assert_allclose(ours(x, training=True, mask=mask).numpy(),
+                               ref(x, training=True, mask=mask).numpy(), atol=1e-5)
+    ours.trainable = False                               # a frozen layer normalises with its moving statistics
+    np.testing.assert_allclose(ours(x, training=True).numpy(), ref(x, training=False).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_backbones_use_it_and_exports_swap_it_for_the_stock_layer(sync):
+    model = build_backbone("tiny", sync_bn=sync)
+    kinds = {type(l) for l in model.layers if isinstance(l, keras.layers.BatchNormalization)}
+    assert kinds == {SyncBatchNormalization if sync else FusedBatchNormalization}
+    assert {type(l) for l in model.layers if isinstance(l, keras.layers.Conv2D)} == {ChunkedGradConv2D}
+    plain = plain_backbone(model)
+    assert {type(l) for l in plain.layers if isinstance(l, keras.layers.BatchNormalization)} == \
+        {keras.layers.BatchNormalization}
+    assert {type(l) for l in plain.layers if isinstance(l, keras.layers.Conv2D)} == {keras.layers.Conv2D}
+    x = np.random.default_rng(6).uniform(0, 1, (4, 16, 16, 3)).astype("float32")
+    np.testing.assert_allclose(plain(x, training=True).numpy(), model(x, training=True).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,stride,size", [(3, 1, 8), (3, 2, 8), (1, 2, 8), (3, 2, 7), (1, 1, 5)])
+@pytest.mark.parametrize("dtype,jit", [(tf.float64, False), (tf.float32, False), (tf.float32, True)])
+def test_chunked_kernel_gradient_matches_autodiff(kernel, stride, size, dtype, jit):
+    rng = np.random.default_rng(kernel * 10 + stride + size)
+    x = tf.constant(rng.standard_normal((7, size, size, 3)), dtype)          # 7 rows: chunks of 2 + a remainder
+    w = tf.constant(rng.standard_normal((kernel, kernel, 3, 4)) * 0.3, dtype)
+    upstream = tf.constant(rng.standard_normal((7, -(-size // stride), -(-size // stride), 4)), dtype)
+    chunk_bytes = 2 * size * size * 3 * dtype.size
+
+    def grads(conv):
+        @tf.function(jit_compile=jit)
+        def run(x, w):
+            with tf.GradientTape() as tape:
+                tape.watch([x, w])
+                loss = tf.reduce_sum(tf.tanh(conv(x, w)) * upstream)
+            return [conv(x, w)] + tape.gradient(loss, [x, w])
+        return [t.numpy() for t in run(x, w)]
+    ours = grads(lambda x, w: conv2d_chunked_grad(x, w, stride, chunk_bytes=chunk_bytes))
+    reference = grads(lambda x, w: tf.nn.conv2d(x, w, stride, "SAME"))
+    tol = 1e-10 if dtype == tf.float64 else 1e-5
+    for a, b in zip(ours, reference):
+        np.testing.assert_allclose(a, b, atol=tol * max(1.0, np.abs(b).max()), rtol=tol)
+
+
+def test_chunked_conv_layer_falls_back_for_other_convolutions():
+    x = tf.constant(np.random.default_rng(7).standard_normal((2, 6, 6, 3)), tf.float32)
+    for kw in (dict(padding="valid"), dict(dilation_rate=2, padding="same"), dict(strides=(1, 2), padding="same")):
+        ours, ref = ChunkedGradConv2D(4, 3, **kw), keras.layers.Conv2D(4, 3, **kw)
+        ours.build(x.shape)
+        ref.build(x.shape)
+        ref.set_weights(ours.get_weights())
+        np.testing.assert_allclose(ours(x).numpy(), ref(x).numpy(), atol=1e-6)
