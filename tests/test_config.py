@@ -208,6 +208,8 @@ def test_section_must_be_mapping():
     ("train.optimizer=adam", ["sgd", "lars", "lamb"]),
     ("augment.preset=mnist", ["fashion_mnist", "cifar", "stl10", "imagenet"]),
     ("data.on_corrupt=ignore", ["skip", "error"]),
+    ("train.jit_compile=xla", ["true", "false", "auto"]),
+    ("train.jit_compile=1", ["true", "false", "auto"]),          # 1 == True in Python, but not a bool
 ])
 def test_bad_choice_names_valid_choices(recipe_file, item, valid):
     msg = _err(C.load, recipe_file, overrides=[item])
@@ -215,6 +217,12 @@ def test_bad_choice_names_valid_choices(recipe_file, item, valid):
     assert key in msg and bad in msg
     for v in valid:
         assert v in msg
+
+
+@pytest.mark.parametrize("value,expected", [("auto", "auto"), ("true", True), ("false", False)])
+def test_jit_compile_takes_a_bool_or_auto(recipe_file, value, expected):
+    assert C.from_dict({"method": {"name": "ressl"}}).train.jit_compile == "auto"        # the default
+    assert C.load(recipe_file, overrides=[f"train.jit_compile={value}"]).train.jit_compile == expected
 
 
 def test_unknown_method_name():

@@ -1,19 +1,21 @@
-"""tfssl's backbone layers with hand-written training gradients (bench/NOTES.md §4).
+"""tfssl's backbone layers with their own training kernels (bench/NOTES.md §4, §5).
 
-BatchNorm (closed-form gradient): forward against numpy float64, gradients against autodiff of the textbook formula
-in float64 and finite differences, the layer against Keras's BatchNormalization (outputs, moving statistics,
-gradients), eagerly and under XLA; inference, masks and exports keep Keras's behaviour. Conv2D with the kernel
+BatchNorm, both kernels (the closed-form gradient used under XLA, TF's FusedBatchNormV3 otherwise): forward against
+numpy float64, gradients against autodiff of the textbook formula in float64 (and finite differences), the layer
+against Keras's BatchNormalization (outputs, moving statistics, gradients), eagerly and under XLA; inference,
+masks and exports keep Keras's behaviour; a method's compile picks the kernel. Conv2D with the kernel
 gradient summed over batch chunks: against autodiff of ``tf.nn.conv2d`` for every kernel/stride/remainder case."""
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfssl.backbones import (ChunkedGradConv2D, FusedBatchNormalization, SyncBatchNormalization, batch_norm_train,
-                             build_backbone, conv2d_chunked_grad)
+from tfssl.backbones import (ChunkedGradConv2D, FusedBatchNormalization, SyncBatchNormalization, batch_norm_fused,
+                             batch_norm_train, build_backbone, conv2d_chunked_grad)
 from tfssl.export import plain_backbone
 
 SHAPES = [(7, 5), (4, 3, 3, 6), (16, 8, 8, 32), (2, 1, 1, 3)]
+KERNELS = {"closed_form": batch_norm_train, "fused_v3": batch_norm_fused}
 
 
 def _inputs(shape, seed):
@@ -23,38 +25,40 @@ def _inputs(shape, seed):
     return x, rng.uniform(0.5, 1.5, c), rng.standard_normal(c), rng.standard_normal(shape)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_forward_matches_numpy_float64(shape):
+def test_forward_matches_numpy_float64(shape, kernel):
     x, gamma, beta, _ = _inputs(shape, 0)
     axes = tuple(range(len(shape) - 1))
     mean, var = x.mean(axes), x.var(axes)
     ref = gamma * (x - mean) / np.sqrt(var + 1e-5) + beta
-    y, m, v = batch_norm_train(*(tf.constant(a, tf.float32) for a in (x, gamma, beta)), 1e-5)
+    y, m, v = KERNELS[kernel](*(tf.constant(a, tf.float32) for a in (x, gamma, beta)), 1e-5)
+    assert y.shape == x.shape
     np.testing.assert_allclose(y.numpy(), ref, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(m.numpy(), mean, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(v.numpy(), var, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", [tf.float64, tf.float32])
-def test_gradients_match_autodiff_of_the_formula(shape, dtype):
+@pytest.mark.parametrize("kernel,dtype", [("closed_form", tf.float64), ("closed_form", tf.float32),
+                                          ("fused_v3", tf.float32)])      # FusedBatchNormV3 has no float64 kernel
+def test_gradients_match_autodiff_of_the_formula(shape, kernel, dtype):
     x, gamma, beta, upstream = _inputs(shape, 1)
     axes = list(range(len(shape) - 1))
-    args = [tf.constant(a, dtype) for a in (x, gamma, beta)]
-    w = tf.constant(upstream, dtype)
 
     def reference(x, gamma, beta):                    # what Keras's layer differentiates
         mean, var = tf.nn.moments(x, axes)
         return tf.nn.batch_normalization(x, mean, var, beta, gamma, 1e-5)
 
     grads = {}
-    for name, fn in (("fused", lambda *a: batch_norm_train(*a, 1e-5)[0]), ("reference", reference)):
+    for name, fn, dt in (("ours", lambda *a: KERNELS[kernel](*a, 1e-5)[0], dtype), ("reference", reference, tf.float64)):
+        args = [tf.constant(a, dt) for a in (x, gamma, beta)]
         with tf.GradientTape() as tape:
             tape.watch(args)
-            loss = tf.reduce_sum(tf.tanh(fn(*args)) * w)  # a non-linear loss: the upstream gradient varies
+            loss = tf.reduce_sum(tf.tanh(fn(*args)) * tf.constant(upstream, dt))  # non-linear: upstream varies
         grads[name] = [g.numpy() for g in tape.gradient(loss, args)]
     tol = 1e-10 if dtype == tf.float64 else 2e-4
-    for got, want in zip(grads["fused"], grads["reference"]):
+    for got, want in zip(grads["ours"], grads["reference"]):
         np.testing.assert_allclose(got, want, atol=tol * max(1.0, np.abs(want).max()), rtol=tol)
 
 
@@ -67,13 +71,14 @@ def test_gradient_matches_finite_differences():
         np.testing.assert_allclose(t, n, atol=1e-6)
 
 
-@pytest.mark.parametrize("jit", [False, True])
-def test_layer_equals_keras_batch_normalization(jit):
+@pytest.mark.parametrize("jit,xla_kernel", [(False, False), (True, True), (True, False)])
+def test_layer_equals_keras_batch_normalization(jit, xla_kernel):
     x, _, _, upstream = _inputs((8, 4, 4, 6), 3)
     x, w = tf.constant(x, tf.float32), tf.constant(upstream, tf.float32)
     layers = {}
     for cls in (FusedBatchNormalization, keras.layers.BatchNormalization):
         layer = cls(momentum=0.9, epsilon=1e-5)
+        layer.xla = xla_kernel
         layer.build(x.shape)
         layer.gamma.assign(np.linspace(0.5, 1.5, 6))
         layer.beta.assign(np.linspace(-1, 1, 6))
@@ -100,12 +105,27 @@ def test_layer_equals_keras_batch_normalization(jit):
                                layers[keras.layers.BatchNormalization](x, training=False).numpy(), atol=1e-6)
 
 
-def test_mixed_precision_inputs_keep_float32_statistics():
+@pytest.mark.parametrize("xla_kernel", [False, True])
+def test_mixed_precision_inputs_keep_float32_statistics(xla_kernel):
     layer = FusedBatchNormalization(momentum=0.9, dtype="mixed_float16")
+    layer.xla = xla_kernel
     x = tf.constant(np.random.default_rng(4).standard_normal((16, 5)) * 100 + 1000, tf.float16)
     y = layer(x, training=True)
     assert y.dtype == tf.float16 and layer.moving_mean.dtype == tf.float32
     np.testing.assert_allclose(layer.moving_mean.numpy(), 0.1 * x.numpy().astype("float64").mean(0), rtol=1e-3)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_methods_train_function_picks_the_kernel(jit):
+    from tfssl import config, methods, optim
+    cfg = config.from_dict({"method": {"name": "simclr"}, "model": {"backbone": "tiny", "projector_hidden": 16,
+                                                                    "projector_bn": True}})
+    model = methods.build(cfg, num_classes=10, total_steps=10)
+    model.compile(optim.SGD(0.1, momentum=0.9), jit_compile=jit)
+    bns = [l for l in model._flatten_layers() if isinstance(l, FusedBatchNormalization)]
+    assert len(bns) > 5 and not any(l.xla for l in bns)             # before: TF's fused kernel
+    model.make_train_function()
+    assert all(l.xla is jit for l in bns)
 
 
 def test_masked_and_frozen_calls_fall_back_to_keras():

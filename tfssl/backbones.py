@@ -59,14 +59,41 @@ def batch_norm_train(x, gamma, beta, epsilon):
     return y, tf.stop_gradient(mean), tf.stop_gradient(variance)
 
 
+def batch_norm_fused(x, gamma, beta, epsilon):
+    """Training-mode batch normalisation by TensorFlow's ``FusedBatchNormV3`` op (oneDNN on CPU, cuDNN on GPU),
+    over every axis but the last. Returns (y, μ, σ²) like :func:`batch_norm_train`: σ² biased, as
+    ``tf.nn.moments`` (the op reports the Bessel-corrected n/(n−1)·σ², undone here); μ, σ² carry no gradient.
+    Outside XLA this one kernel pair beats both autodiff's and the closed-form chain of separate ops (bench/NOTES.md
+    §5); under XLA the closed form fuses better.
+    """
+    shape, channels = tf.shape(x), x.shape[-1]
+    rows = tf.reshape(x, (-1, 1, 1, channels))                     # the op wants 4-D NHWC: any rank works so
+    y, mean, variance = tf.compat.v1.nn.fused_batch_norm(rows, gamma, beta, epsilon=epsilon, is_training=True)[:3]
+    n = tf.cast(tf.shape(rows)[0], variance.dtype)
+    variance = variance * tf.maximum(n - 1.0, 1.0) / n
+    return tf.reshape(y, shape), tf.stop_gradient(mean), tf.stop_gradient(variance)
+
+
+def set_xla(model, xla):
+    """Tell every tfssl BatchNorm layer of ``model`` whether its training step will be XLA-compiled, which picks its
+    kernel (:func:`batch_norm_train` under XLA, :func:`batch_norm_fused` otherwise). Methods call this when they
+    compile; takes effect at the next trace."""
+    for layer in model._flatten_layers():
+        if isinstance(layer, FusedBatchNormalization):
+            layer.xla = bool(xla)
+
+
 @keras.saving.register_keras_serializable(package="tfssl")
 class FusedBatchNormalization(layers.BatchNormalization):
-    """BatchNormalization whose training step is :func:`batch_norm_train` (statistics of this replica's batch).
+    """BatchNormalization whose training step is one of two fused kernels (statistics of this replica's batch):
+    :func:`batch_norm_train`, the closed-form gradient, when the step is XLA-compiled, else TensorFlow's
+    ``FusedBatchNormV3`` (:func:`batch_norm_fused`). ``xla`` (default False) is set by :func:`set_xla`.
 
     Same variables, config, moving-statistics update and inference path as Keras's layer; only the training-mode
     forward/backward is written out. Masks and renorm fall back to Keras's implementation. Exported backbones
     swap it for the stock layer (:func:`tfssl.export.plain_backbone`).
     """
+    xla = False
 
     def _fused_ok(self, training, mask):
         return bool(training) and self.trainable and mask is None and not self.renorm and self.scale and self.center
@@ -76,8 +103,8 @@ class FusedBatchNormalization(layers.BatchNormalization):
         if not (last_axis_only and self._fused_ok(training, mask)):
             return super().call(inputs, training=training, mask=mask)
         x = tf.cast(inputs, tf.float32)          # float32 statistics under mixed precision, as Keras's layer
-        y, mean, variance = batch_norm_train(x, tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32),
-                                             self.epsilon)
+        kernel = batch_norm_train if self.xla else batch_norm_fused
+        y, mean, variance = kernel(x, tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32), self.epsilon)
         m = self.momentum                         # the moving statistics are float32 variables
         self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
         self.moving_variance.assign(self.moving_variance * m + variance * (1.0 - m))

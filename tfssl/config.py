@@ -70,7 +70,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     probe_lr: float = 0.1
     seed: int = 0
-    jit_compile: bool = True                # XLA-compile the train step (bench/NOTES.md 1); off under multi-worker on CPU
+    jit_compile: Any = "auto"               # true | false | auto: XLA on TPU/GPU, on a CPU unless AVX-512 (NOTES.md 5)
     precision: str = "float32"
     resume: bool = True                     # continue from RUN/backup after a kill (same command, same recipe)
     deterministic: bool = False             # TensorFlow's deterministic ops (bit-identical reruns; slower)
@@ -123,6 +123,7 @@ CHOICES = {
     ("train", "lr_scaling"): ["linear", "sqrt", "none"],
     ("train", "precision"): ["float32", "mixed_bfloat16", "mixed_float16"],
     ("train", "on_nan"): ["stop", "skip"],
+    ("train", "jit_compile"): [True, False, "auto"],
     ("distribute", "strategy"): ["default", "mirrored", "multi_worker", "tpu"],
     ("eval", "linear_preset"): ["small", "moco", "simclr"],
 }
@@ -189,8 +190,9 @@ def _build(section: str, cls, values: Dict[str, Any], source: str):
                               f"valid keys of '{section}': {', '.join(names)}")
         value = _coerce(f"{source}: {section}.{key}", value, hints[key])
         choices = CHOICES.get((section, key))
-        if choices and value not in choices:
-            raise ConfigError(f"{source}: {section}.{key}={value!r} is not one of {', '.join(choices)}")
+        if choices and not any(type(value) is type(c) and value == c for c in choices):   # 1 is not true
+            raise ConfigError(f"{source}: {section}.{key}={value!r} is not one of "
+                              f"{', '.join(str(c).lower() if isinstance(c, bool) else c for c in choices)}")
         kwargs[key] = value
     return cls(**kwargs)
 

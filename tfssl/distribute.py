@@ -16,6 +16,8 @@ import os
 
 import tensorflow as tf
 
+from tfssl.backbones import set_xla
+
 
 def num_replicas() -> int:
     """Number of replicas in sync (1 outside any strategy)."""
@@ -126,6 +128,32 @@ def is_multi_worker(strategy) -> bool:
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
+def cpu_has_avx512() -> bool:
+    """Whether this (Linux) CPU reports AVX-512 (``avx512f`` in /proc/cpuinfo); False where that cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "avx512f" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def resolve_jit_compile(setting, strategy=None):
+    """``train.jit_compile`` as (bool, reason). ``"auto"``: XLA on TPUs (required) and GPUs; on a CPU, XLA unless
+    it has AVX-512, where TensorFlow's own graph with oneDNN's kernels runs the step faster than XLA:CPU (bench/
+    NOTES.md §5: ResNet-18 ReSSL step 1.2× faster without XLA on an AVX-512 EPYC; 1.1× slower on an AVX2 one)."""
+    if strategy is not None and is_multi_worker(strategy) and not tf.config.list_logical_devices("GPU"):
+        return False, "multi-worker on CPU: XLA:CPU has no collectives"
+    if setting != "auto":
+        return bool(setting), "train.jit_compile"
+    if isinstance(strategy, tf.distribute.TPUStrategy) or tf.config.list_logical_devices("TPU"):
+        return True, "auto: TPU"
+    if tf.config.list_logical_devices("GPU"):
+        return True, "auto: GPU"
+    if cpu_has_avx512():
+        return False, "auto: CPU with AVX-512, oneDNN graph"
+    return True, "auto: CPU without AVX-512"
+
+
 def strategy_name(strategy) -> str:
     """The public name of ``strategy`` (MultiWorkerMirroredStrategy's class is CollectiveAllReduceStrategy)."""
     return "MultiWorkerMirroredStrategy" if is_multi_worker(strategy) else type(strategy).__name__
@@ -151,11 +179,13 @@ class MultiWorkerFit:
 
     def make_train_function(self, force=False):
         strategy = self.distribute_strategy
+        on_cpu = not tf.config.list_logical_devices("GPU")
+        if self.train_function is None or force:       # BatchNorm kernel for an XLA-compiled or a graph step
+            set_xla(self, self.jit_compile and not (on_cpu and is_multi_worker(strategy)))
         if not is_multi_worker(strategy):
             return super().make_train_function(force=force)
         if self.train_function is not None and not force:
             return self.train_function
-        on_cpu = not tf.config.list_logical_devices("GPU")
         step_fn = tf.function(self.train_step, jit_compile=True) if self.jit_compile and not on_cpu \
             else self.train_step
 

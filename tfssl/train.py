@@ -94,12 +94,14 @@ def _run(cfg, workdir, log, strategy, source, steps, backup_dir, chief=True):
 
 def _fit(cfg, workdir, log, strategy, source, steps, total, views, backup_dir, chief):
     replicas = strategy.num_replicas_in_sync
+    jit, why = distribute.resolve_jit_compile(cfg.train.jit_compile, strategy)
+    log(f"train step: {'XLA' if jit else 'TF graph, no XLA'} ({why})")
     with strategy.scope():
         model = methods.build(cfg, source.num_classes, source.mean, source.std, total,
                               on_device_views=views if cfg.augment.on_device else None, steps_per_epoch=steps)
         model.compile(build_optimizer(cfg.train, total, steps),
                       probe_optimizer=SGD(cfg.train.probe_lr, momentum=0.9, name="probe_sgd"),
-                      jit_compile=cfg.train.jit_compile)
+                      jit_compile=jit)
     with tf.device("/cpu:0"):                # read by the input pipeline at every epoch start
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_epoch")
     batches = model.make_pipeline(source, views, cfg, steps, epoch)
