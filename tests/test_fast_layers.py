@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from tfssl.backbones import (ChunkedGradConv2D, FusedBatchNormalization, SyncBatchNormalization, batch_norm_fused,
-                             batch_norm_train, build_backbone, conv2d_chunked_grad)
+                             batch_norm_train, build_backbone, conv2d_chunked_grad, set_xla)
 from tfssl.export import plain_backbone
 
 SHAPES = [(7, 5), (4, 3, 3, 6), (16, 8, 8, 32), (2, 1, 1, 3)]
@@ -122,10 +122,40 @@ def test_a_methods_train_function_picks_the_kernel(jit):
                                                                     "projector_bn": True}})
     model = methods.build(cfg, num_classes=10, total_steps=10)
     model.compile(optim.SGD(0.1, momentum=0.9), jit_compile=jit)
-    bns = [l for l in model._flatten_layers() if isinstance(l, FusedBatchNormalization)]
-    assert len(bns) > 5 and not any(l.xla for l in bns)             # before: TF's fused kernel
+    layers = [l for l in model._flatten_layers() if isinstance(l, (FusedBatchNormalization, ChunkedGradConv2D))]
+    assert len(layers) > 10 and not any(l.xla for l in layers)       # before: the kernels for a TF graph
     model.make_train_function()
-    assert all(l.xla is jit for l in bns)
+    assert all(l.xla is jit for l in layers)
+
+
+@pytest.mark.parametrize("xla", [False, True])
+def test_a_nan_image_makes_every_feature_nan_in_a_compiled_graph(xla):
+    """Batch statistics mix the images: one NaN image must make the whole batch NaN, also where Grappler fuses the
+    BatchNorm with the following ReLU (oneDNN's fused ReLU maps NaN to 0)."""
+    model = build_backbone("tiny")
+    set_xla(model, xla)
+    x = np.random.default_rng(6).uniform(0, 1, (8, 32, 32, 3)).astype("float32")
+    x[3] = np.nan
+    features = tf.function(lambda x: model(x, training=True), jit_compile=xla)(tf.constant(x)).numpy()
+    assert np.isnan(features).any(axis=1).all()
+
+
+@pytest.mark.parametrize("xla,chunks", [(True, 4), (False, 1)])
+def test_conv_layer_chunk_budget_follows_xla(xla, chunks):
+    """1 MB per image: 2 MB chunks under XLA (4 kernel-gradient convolutions for 8 images), 8 MB otherwise (1)."""
+    layer = ChunkedGradConv2D(4, 3, padding="same", use_bias=False)
+    layer.build((None, 64, 64, 64))
+    layer.xla = xla
+    x = tf.zeros((8, 64, 64, 64))
+
+    @tf.function
+    def kernel_grad(x):
+        with tf.GradientTape() as tape:
+            y = layer(x)
+        return tape.gradient(y, layer.kernel)
+    graph = kernel_grad.get_concrete_function(x).graph
+    ops = [op for f in [graph] + [graph._functions[k].graph for k in graph._functions] for op in f.get_operations()]
+    assert sum(op.type == "Conv2DBackpropFilter" for op in ops) == chunks
 
 
 def test_masked_and_frozen_calls_fall_back_to_keras():

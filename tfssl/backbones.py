@@ -66,20 +66,22 @@ def batch_norm_fused(x, gamma, beta, epsilon):
     Outside XLA this one kernel pair beats both autodiff's and the closed-form chain of separate ops (bench/NOTES.md
     §5); under XLA the closed form fuses better.
     """
-    shape, channels = tf.shape(x), x.shape[-1]
-    rows = tf.reshape(x, (-1, 1, 1, channels))                     # the op wants 4-D NHWC: any rank works so
+    four_d = x.shape.rank == 4                  # as is (Grappler then fuses a following ReLU / add into the op)
+    rows = x if four_d else tf.reshape(x, (-1, 1, 1, x.shape[-1]))    # the op wants 4-D NHWC: any rank works so
     y, mean, variance = tf.compat.v1.nn.fused_batch_norm(rows, gamma, beta, epsilon=epsilon, is_training=True)[:3]
-    n = tf.cast(tf.shape(rows)[0], variance.dtype)
+    n = tf.cast(tf.size(rows) // tf.shape(rows)[-1], variance.dtype)
     variance = variance * tf.maximum(n - 1.0, 1.0) / n
-    return tf.reshape(y, shape), tf.stop_gradient(mean), tf.stop_gradient(variance)
+    y = y + tf.stop_gradient(0.0 * mean)     # a NaN statistic stays NaN in y (a fused ReLU may map NaN to 0)
+    return y if four_d else tf.reshape(y, tf.shape(x)), tf.stop_gradient(mean), tf.stop_gradient(variance)
 
 
 def set_xla(model, xla):
-    """Tell every tfssl BatchNorm layer of ``model`` whether its training step will be XLA-compiled, which picks its
-    kernel (:func:`batch_norm_train` under XLA, :func:`batch_norm_fused` otherwise). Methods call this when they
-    compile; takes effect at the next trace."""
+    """Tell every tfssl BatchNorm and Conv2D layer of ``model`` whether its training step will be XLA-compiled,
+    which picks the BatchNorm kernel (:func:`batch_norm_train` under XLA, :func:`batch_norm_fused` otherwise) and
+    the conv kernel-gradient chunk (2 MB under XLA, 8 MB for oneDNN; bench/NOTES.md §5). A method's
+    ``make_train_function`` calls it; it takes effect at the next trace."""
     for layer in model._flatten_layers():
-        if isinstance(layer, FusedBatchNormalization):
+        if isinstance(layer, (FusedBatchNormalization, ChunkedGradConv2D)):
             layer.xla = bool(xla)
 
 
@@ -168,7 +170,9 @@ def conv2d_chunked_grad(x, kernel, stride, chunk_bytes=2 << 20):
 @keras.saving.register_keras_serializable(package="tfssl")
 class ChunkedGradConv2D(layers.Conv2D):
     """Keras Conv2D (``same`` padding, square stride, no dilation or groups, channels-last) whose kernel gradient
-    is :func:`conv2d_chunked_grad`; anything else is Keras's convolution. Exports swap it for the stock layer."""
+    is :func:`conv2d_chunked_grad`, over chunks of ≤ 2 MB when ``xla`` (set by :func:`set_xla`) and ≤ 8 MB
+    otherwise; anything else is Keras's convolution. Exports swap it for the stock layer."""
+    xla = False
 
     def convolution_op(self, inputs, kernel):
         simple = (self.padding == "same" and self.data_format == "channels_last" and self.groups == 1
@@ -176,7 +180,7 @@ class ChunkedGradConv2D(layers.Conv2D):
                   and None not in inputs.shape[1:])
         if not simple:
             return super().convolution_op(inputs, kernel)
-        return conv2d_chunked_grad(inputs, kernel, self.strides[0])
+        return conv2d_chunked_grad(inputs, kernel, self.strides[0], (2 if self.xla else 8) << 20)
 
 
 def _bn(sync, name, zero=False):

@@ -261,6 +261,10 @@ class SSLMethod(distribute.MultiWorkerFit, keras.Model):
             with tf.control_dependencies([views[0]]):
                 self.update_teacher()
         loss, out, grads = self.loss_and_gradients(views)
+        # a NaN in the views or the features must reach the loss: fused oneDNN kernels (MatMul + ReLU in the
+        # projector) can map NaN to 0 on some CPUs and hide it; 0·x adds nothing when everything is finite
+        loss = loss + 0.0 * tf.add_n([tf.reduce_sum(tf.stop_gradient(tf.cast(t, loss.dtype)))
+                                      for t in (out["features"],) + tuple(views)])
         finite = tf.constant(True)
         if skip:
             finite, grads = self.agree_finite(loss, grads)
