@@ -42,8 +42,9 @@ def backbone_convs(backbone, size):
     return out
 
 
-def _best(fn, reps):
-    fn()                                                      # trace / compile
+def _best(fn, reps, warm=True):
+    if warm:
+        fn()                                                  # trace / compile
     times = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -52,31 +53,57 @@ def _best(fn, reps):
     return min(times)
 
 
+class _Layer:
+    """One convolution at its step shape, with its (already traced) forward and forward + backward functions in
+    TF graph mode and XLA; ``best`` keeps the fastest time seen per (pass, variant) over every ``time`` call."""
+
+    def __init__(self, batch, shape, kernel, stride, grad_input=True):
+        import tensorflow as tf
+        rng = np.random.default_rng(0)
+        self.x = tf.constant(rng.standard_normal((batch,) + shape).astype("float32"))
+        self.w = tf.constant((rng.standard_normal(kernel) * 0.05).astype("float32"))
+        y_shape = (batch, -(-shape[0] // stride), -(-shape[1] // stride), kernel[-1])
+        self.dy = tf.constant(rng.standard_normal(y_shape).astype("float32"))
+        self.fns = {}
+        for jit in (False, True):
+            @tf.function(jit_compile=jit, autograph=False)
+            def forward(x, w):
+                return tf.nn.conv2d(x, w, stride, "SAME")
+
+            @tf.function(jit_compile=jit, autograph=False)
+            def forward_backward(x, w, dy):
+                with tf.GradientTape() as tape:
+                    tape.watch([x, w])
+                    y = tf.nn.conv2d(x, w, stride, "SAME")
+                grads = tape.gradient(y, [x, w] if grad_input else [w], output_gradients=dy)
+                return [y] + grads
+
+            self.fns["fwd", jit] = lambda f=forward: f(self.x, self.w).numpy()
+            self.fns["fb", jit] = lambda f=forward_backward: [t.numpy() for t in f(self.x, self.w, self.dy)]
+        self.best = {}
+
+    def time(self, reps, jit=(False, True)):
+        """Time both passes ``reps`` times in each variant of ``jit`` (the first call of a variant also compiles
+        it, untimed); keep the fastest of all runs so far."""
+        for (kind, variant), fn in self.fns.items():
+            if variant not in jit:
+                continue
+            if (kind, variant) not in self.best:
+                fn()
+                self.best[kind, variant] = float("inf")
+            self.best[kind, variant] = min(self.best[kind, variant], _best(fn, reps, warm=False))
+
+    def seconds(self, kind):
+        """Fastest time of pass ``kind`` ('fwd' or 'fb') over both variants, and that variant (True = XLA)."""
+        variant = min((v for k, v in self.best if k == kind), key=lambda v: self.best[kind, v])
+        return self.best[kind, variant], variant
+
+
 def time_layer(batch, shape, kernel, stride, reps, jit, grad_input=True):
     """Seconds of (forward, forward + backward) of one convolution, best of ``reps``."""
-    import tensorflow as tf
-    rng = np.random.default_rng(0)
-    x = tf.constant(rng.standard_normal((batch,) + shape).astype("float32"))
-    w = tf.constant((rng.standard_normal(kernel) * 0.05).astype("float32"))
-    y_shape = (batch, -(-shape[0] // stride), -(-shape[1] // stride), kernel[-1])
-    dy = tf.constant(rng.standard_normal(y_shape).astype("float32"))
-
-    @tf.function(jit_compile=jit, autograph=False)
-    def forward(x, w):
-        return tf.nn.conv2d(x, w, stride, "SAME")
-
-    @tf.function(jit_compile=jit, autograph=False)
-    def forward_backward(x, w, dy):
-        with tf.GradientTape() as tape:
-            tape.watch([x, w])
-            y = tf.nn.conv2d(x, w, stride, "SAME")
-        grads = tape.gradient(y, [x, w] if grad_input else [w], output_gradients=dy)
-        return [y] + grads
-
-    def run(fn, *args):
-        return lambda: [t.numpy() for t in tf.nest.flatten(fn(*args))]
-
-    return _best(run(forward, x, w), reps), _best(run(forward_backward, x, w, dy), reps)
+    layer = _Layer(batch, shape, kernel, stride, grad_input)
+    layer.time(reps, jit=(jit,))
+    return layer.best["fwd", jit], layer.best["fb", jit]
 
 
 def time_layer_torch(batch, shape, kernel, stride, reps, grad_input=True, channels_last=False):
@@ -106,32 +133,55 @@ def time_layer_torch(batch, shape, kernel, stride, reps, grad_input=True, channe
     return _best(forward, reps), _best(forward_backward, reps)
 
 
-def conv_roofline(backbone, batch, size, reps=3, student_views=1, teacher_views=1, log=print):
-    """Measure every conv of ``backbone``; returns dict(layers=[...], fwd=s, fwd_bwd=s, flops_fwd, flops_fwd_bwd).
+class ConvRoofline:
+    """Every conv of ``backbone`` at its step shape, each timed alone in TF (graph and XLA), best time kept.
 
-    ``fwd``/``fwd_bwd`` are the seconds of all convolutions of one forward / forward + backward pass at ``batch``,
-    each layer at the faster of TF's graph (oneDNN) and XLA. ``step_time(student, teacher)`` of the result gives the
-    conv time of a step with that many student and teacher passes.
+    The roofline is a lower bound on conv time, so a reading taken while the machine is busy only overstates it;
+    ``remeasure`` re-times every layer in its faster variant (already compiled: a few seconds) and keeps the
+    minimum, so a run that measures again between its steps is not thrown off by one load spike.
+    ``result()`` is the dict that ``step_conv_time`` takes.
     """
-    rows = []
-    fwd = fb = 0.0
-    flop_f = flop_fb = 0.0
-    for i, (name, shape, kernel, stride) in enumerate(backbone_convs(backbone, size)):
-        grad_input = i > 0
-        t = {jit: time_layer(batch, shape, kernel, stride, reps, jit, grad_input) for jit in (False, True)}
-        f = min(t[False][0], t[True][0])
-        b = min(t[False][1], t[True][1])
-        ho = -(-shape[0] // stride)
-        macs = batch * ho * ho * kernel[0] * kernel[1] * kernel[2] * kernel[3]
-        gf, gfb = 2.0 * macs, 2.0 * macs * (3 if grad_input else 2)
-        fwd, fb, flop_f, flop_fb = fwd + f, fb + b, flop_f + gf, flop_fb + gfb
-        rows.append(dict(name=name, shape=shape, kernel=kernel, stride=stride, fwd=t[False][0], fwd_xla=t[True][0],
-                         fb=t[False][1], fb_xla=t[True][1], gflop_f=gf / 1e9, gflop_fb=gfb / 1e9))
-        if log:
-            log(f"  {name:<14}{str(shape):>16}{str(kernel):>18}{stride:>3}  fwd {1e3 * t[False][0]:7.1f}/"
-                f"{1e3 * t[True][0]:7.1f} ms  fwd+bwd {1e3 * t[False][1]:7.1f}/{1e3 * t[True][1]:7.1f} ms  "
-                f"{gfb / b / 1e9:6.1f} GFLOP/s")
-    return dict(layers=rows, fwd=fwd, fwd_bwd=fb, flops_fwd=flop_f, flops_fwd_bwd=flop_fb)
+
+    def __init__(self, backbone, batch, size, reps=3, log=print):
+        self.batch, self.log = batch, log
+        self.layers = []
+        for i, (name, shape, kernel, stride) in enumerate(backbone_convs(backbone, size)):
+            layer = _Layer(batch, shape, kernel, stride, grad_input=i > 0)
+            layer.time(reps)
+            ho = -(-shape[0] // stride)
+            macs = batch * ho * ho * kernel[0] * kernel[1] * kernel[2] * kernel[3]
+            layer.info = dict(name=name, shape=shape, kernel=kernel, stride=stride,
+                              gflop_f=2e-9 * macs, gflop_fb=2e-9 * macs * (3 if i > 0 else 2))
+            self.layers.append(layer)
+            if log:
+                t = layer.best
+                log(f"  {name:<14}{str(shape):>16}{str(kernel):>18}{stride:>3}  fwd {1e3 * t['fwd', False]:7.1f}/"
+                    f"{1e3 * t['fwd', True]:7.1f} ms  fwd+bwd {1e3 * t['fb', False]:7.1f}/{1e3 * t['fb', True]:7.1f}"
+                    f" ms  {layer.info['gflop_fb'] / layer.seconds('fb')[0]:6.1f} GFLOP/s")
+
+    def remeasure(self, reps=1):
+        """Re-time each layer's passes in their faster variant; returns the new total (fwd, fwd_bwd) seconds."""
+        for layer in self.layers:
+            layer.time(reps, jit={layer.seconds("fwd")[1], layer.seconds("fb")[1]})
+        r = self.result()
+        return r["fwd"], r["fwd_bwd"]
+
+    def result(self):
+        rows, fwd, fb = [], 0.0, 0.0
+        for layer in self.layers:
+            t = layer.best
+            rows.append(dict(layer.info, fwd=t["fwd", False], fwd_xla=t["fwd", True], fb=t["fb", False],
+                             fb_xla=t["fb", True]))
+            fwd, fb = fwd + layer.seconds("fwd")[0], fb + layer.seconds("fb")[0]
+        return dict(layers=rows, fwd=fwd, fwd_bwd=fb, flops_fwd=1e9 * sum(r["gflop_f"] for r in rows),
+                    flops_fwd_bwd=1e9 * sum(r["gflop_fb"] for r in rows))
+
+
+def conv_roofline(backbone, batch, size, reps=3, log=print):
+    """Measure every conv of ``backbone`` once; returns dict(layers=[...], fwd=s, fwd_bwd=s, flops_fwd,
+    flops_fwd_bwd): the seconds of all convolutions of one forward / forward + backward pass at ``batch``, each
+    layer at the faster of TF's graph (oneDNN) and XLA (see ``ConvRoofline`` to re-measure)."""
+    return ConvRoofline(backbone, batch, size, reps, log).result()
 
 
 def step_conv_time(roof, student_views, teacher_views):
