@@ -66,7 +66,7 @@ def batch_norm_fused(x, gamma, beta, epsilon):
     Outside XLA this one kernel pair beats both autodiff's and the closed-form chain of separate ops (bench/NOTES.md
     §5); under XLA the closed form fuses better.
     """
-    four_d = x.shape.rank == 4                  # as is (Grappler then fuses a following ReLU / add into the op)
+    four_d = x.shape.rank == 4
     rows = x if four_d else tf.reshape(x, (-1, 1, 1, x.shape[-1]))    # the op wants 4-D NHWC: any rank works so
     y, mean, variance = tf.compat.v1.nn.fused_batch_norm(rows, gamma, beta, epsilon=epsilon, is_training=True)[:3]
     n = tf.cast(tf.size(rows) // tf.shape(rows)[-1], variance.dtype)

@@ -180,7 +180,7 @@ class MultiWorkerFit:
     def make_train_function(self, force=False):
         strategy = self.distribute_strategy
         on_cpu = not tf.config.list_logical_devices("GPU")
-        if self.train_function is None or force:       # BatchNorm kernel for an XLA-compiled or a graph step
+        if self.train_function is None or force:       # BatchNorm / conv kernels for an XLA or a graph step
             set_xla(self, self.jit_compile and not (on_cpu and is_multi_worker(strategy)))
         if not is_multi_worker(strategy):
             return super().make_train_function(force=force)
