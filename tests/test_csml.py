@@ -138,10 +138,25 @@ def test_stage3_level_has_its_own_head_queue_and_ema(tmp_path):
 def test_configuration_errors():
     with pytest.raises(config.ConfigError, match="levels"):
         _model(levels=[2, 4])
+
+
+def test_on_device_pairs_come_raw_from_the_pipeline_and_are_viewed_and_mixed_on_the_device():
+    """augment.on_device: the pair pipeline yields raw anchors and neighbours; the step makes their (q, k) views and
+    the CutMix of the q-views (one box per global batch) — the six views of the pipeline path, same shapes."""
     cfg, model = _model()
     cfg.augment.on_device = True
-    with pytest.raises(config.ConfigError, match="on_device"):
-        model.make_pipeline(_indexed_source(), None, cfg, 4, None)
+    batch = next(iter(model.make_pipeline(_indexed_source(), None, cfg, 4, None)))
+    assert set(batch) == {"anchor", "neighbour", "label"} and batch["anchor"].dtype == tf.uint8
+    np.testing.assert_array_equal(batch["anchor"].numpy(), batch["neighbour"].numpy())   # table: itself at start
+    model.views = methods.views_for(cfg)
+    seed = tf.constant([1, 2], tf.int64)
+    qi, ki, qj, kj, qm, lam = model.device_views(batch, tf.constant(0, tf.int64), seed, seed)
+    assert all(v.shape == qi.shape and v.dtype == tf.float32 for v in (ki, qj, kj, qm))
+    assert lam.shape == (qi.shape[0],) and 0 < float(lam[0]) <= 1 and len(set(lam.numpy().tolist())) == 1
+    assert not np.allclose(qi.numpy(), qj.numpy())        # the neighbour's views are drawn on their own stream
+    mixed = qm.numpy()
+    kept = np.isclose(mixed, qi.numpy()).all(axis=(0, 3))    # the pasted box is the same for every image
+    assert 0 < kept.mean() <= 1 and abs(kept.mean() - float(lam[0])) < 1e-6
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from tfssl.backbones import (ChunkedGradConv2D, FusedBatchNormalization, SyncBatchNormalization, batch_norm_fused,
-                             batch_norm_train, build_backbone, conv2d_chunked_grad, set_xla)
+                             batch_norm_train, build_backbone, conv2d_chunked_grad)
 from tfssl.export import plain_backbone
 
 SHAPES = [(7, 5), (4, 3, 3, 6), (16, 8, 8, 32), (2, 1, 1, 3)]
@@ -71,14 +71,15 @@ def test_gradient_matches_finite_differences():
         np.testing.assert_allclose(t, n, atol=1e-6)
 
 
-@pytest.mark.parametrize("jit,xla_kernel", [(False, False), (True, True), (True, False)])
-def test_layer_equals_keras_batch_normalization(jit, xla_kernel):
+@pytest.mark.parametrize("jit,bn_kernel", [(False, "fused_v3"), (True, "closed_form"), (True, "fused_v3"),
+                                           (False, "stock"), (True, "stock")])
+def test_layer_equals_keras_batch_normalization(jit, bn_kernel):
     x, _, _, upstream = _inputs((8, 4, 4, 6), 3)
     x, w = tf.constant(x, tf.float32), tf.constant(upstream, tf.float32)
     layers = {}
     for cls in (FusedBatchNormalization, keras.layers.BatchNormalization):
         layer = cls(momentum=0.9, epsilon=1e-5)
-        layer.xla = xla_kernel
+        layer.kernel = bn_kernel
         layer.build(x.shape)
         layer.gamma.assign(np.linspace(0.5, 1.5, 6))
         layer.beta.assign(np.linspace(-1, 1, 6))
@@ -105,10 +106,10 @@ def test_layer_equals_keras_batch_normalization(jit, xla_kernel):
                                layers[keras.layers.BatchNormalization](x, training=False).numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("xla_kernel", [False, True])
-def test_mixed_precision_inputs_keep_float32_statistics(xla_kernel):
+@pytest.mark.parametrize("bn_kernel", ["fused_v3", "closed_form"])
+def test_mixed_precision_inputs_keep_float32_statistics(bn_kernel):
     layer = FusedBatchNormalization(momentum=0.9, dtype="mixed_float16")
-    layer.xla = xla_kernel
+    layer.kernel = bn_kernel
     x = tf.constant(np.random.default_rng(4).standard_normal((16, 5)) * 100 + 1000, tf.float16)
     y = layer(x, training=True)
     assert y.dtype == tf.float16 and layer.moving_mean.dtype == tf.float32
@@ -122,10 +123,14 @@ def test_a_methods_train_function_picks_the_kernel(jit):
                                                                     "projector_bn": True}})
     model = methods.build(cfg, num_classes=10, total_steps=10)
     model.compile(optim.SGD(0.1, momentum=0.9), jit_compile=jit)
-    layers = [l for l in model._flatten_layers() if isinstance(l, (FusedBatchNormalization, ChunkedGradConv2D))]
-    assert len(layers) > 10 and not any(l.xla for l in layers)       # before: the kernels for a TF graph
-    model.make_train_function()
-    assert all(l.xla is jit for l in layers)
+    bns = [l for l in model._flatten_layers() if isinstance(l, FusedBatchNormalization)]
+    convs = [l for l in model._flatten_layers() if isinstance(l, ChunkedGradConv2D)]
+    assert len(bns) > 5 and len(convs) > 5
+    assert {l.kernel for l in bns} == {"fused_v3"} and {l.chunk_bytes for l in convs} == {8 << 20}   # class default
+    model.make_train_function()                          # this CPU's plan for an XLA or a graph step
+    assert {l.kernel for l in bns} == {"closed_form" if jit else "fused_v3"}
+    assert {l.chunk_bytes for l in convs} == {(2 if jit else 8) << 20}
+    assert model.kernel_plan.jit is jit and model.kernel_plan.conv == "chunked"
 
 
 @pytest.mark.parametrize("xla", [False, True])
@@ -133,7 +138,9 @@ def test_a_nan_image_makes_every_feature_nan_in_a_compiled_graph(xla):
     """Batch statistics mix the images: one NaN image must make the whole batch NaN, also where Grappler fuses the
     BatchNorm with the following ReLU (oneDNN's fused ReLU maps NaN to 0)."""
     model = build_backbone("tiny")
-    set_xla(model, xla)
+    for layer in model.layers:                       # the kernels a CPU plan gives an XLA / a graph step
+        if isinstance(layer, FusedBatchNormalization):
+            layer.kernel = "closed_form" if xla else "fused_v3"
     x = np.random.default_rng(6).uniform(0, 1, (8, 32, 32, 3)).astype("float32")
     x[3] = np.nan
     features = tf.function(lambda x: model(x, training=True), jit_compile=xla)(tf.constant(x)).numpy()
@@ -145,7 +152,7 @@ def test_conv_layer_chunk_budget_follows_xla(xla, chunks):
     """1 MB per image: 2 MB chunks under XLA (4 kernel-gradient convolutions for 8 images), 8 MB otherwise (1)."""
     layer = ChunkedGradConv2D(4, 3, padding="same", use_bias=False)
     layer.build((None, 64, 64, 64))
-    layer.xla = xla
+    layer.chunk_bytes = (2 if xla else 8) << 20
     x = tf.zeros((8, 64, 64, 64))
 
     @tf.function

@@ -8,78 +8,28 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
-from multiworker_worker import build as _build  # the same build the multi-worker cases use
+from helpers import RICHEST, build as _build, case_views, one_step_cases
 from tfssl import methods
 from tfssl.optim import SGD
 
-B = 8
-CASES = [("ressl", dict(queue_size=32)), ("ressl", dict(queue_size=32, crop_sizes=[16, 24])),
-         ("simclr", dict(temperature=0.5)), ("mocov2", dict(queue_size=32)),
-         ("mocov2", dict(queue_size=32, symmetric=True)), ("wcl", dict()),
-         ("wcl", dict(knn_crops=3, knn_crop_size=16, knn_crops_keep=2)), ("csml", dict(queue_size=32)),
-         ("csml", dict(queue_size=32, cross_warmup_epochs=0, levels=[3, 4]))]
 
-
-def _views(cfg, seed=0):
-    rng = np.random.default_rng(seed)
-    sizes = [32, 32] + methods.METHODS[cfg.method.method_name].small_crops(cfg.method, 32)[0]
-    views = tuple(rng.uniform(0, 1, (B, s, s, 3)).astype("float32") for s in sizes)
-    if cfg.method.method_name == "wcl":
-        # image i + B/2 is a noisy copy of image i: 1-NN edges then have clear margins (≥ 1e-3; random images
-        # under a random net are near-ties that float rounding flips) and many cross the replica boundary. Closer
-        # copies would make the loss ill-conditioned (a negative almost equal to the positive).
-        views = tuple(np.concatenate([v[:B // 2], v[:B // 2] + 0.3 * rng.standard_normal(v[:B // 2].shape)])
-                      .astype("float32") for v in views)
-        # KNN crops: crop c is view 1 downsized plus noise growing with c, so the kept (nearest) crops are clearer
-        crops = [tf.image.resize(views[0], (s, s)).numpy() + 0.5 * (c + 1) * rng.standard_normal((B, s, s, 3))
-                 for c, s in enumerate(sizes[2:])]
-        views = views[:2] + tuple(c.astype("float32") for c in crops)
-    if cfg.method.method_name == "csml":   # (q_i, k_i, q_j, k_j, q_mix) and λ′ per row, as pair_pipeline gives
-        views = tuple(rng.uniform(0, 1, (B, 32, 32, 3)).astype("float32") for _ in range(5))
-        views += (np.full(B, rng.uniform(0.2, 0.9), "float32"),)
-    return views, rng.integers(0, 10, B).astype("int32")
-
-
-def _grads(model, strategy, views):
-    """Global loss and summed gradients, each replica fed its contiguous half of the batch."""
-    n = strategy.num_replicas_in_sync
-
-    def local(ctx):
-        i, b = ctx.replica_id_in_sync_group, B // n
-        return tuple(v[i * b:(i + 1) * b] for v in views)
-    per_replica = strategy.experimental_distribute_values_from_function(local)
-
-    @tf.function
-    def run(v):
-        def fn(v):
-            loss, _, grads = model.loss_and_gradients(v)
-            ctx = tf.distribute.get_replica_context()
-            return ctx.all_reduce("sum", loss), ctx.all_reduce("sum", grads)
-        return strategy.run(fn, args=(v,))
-    loss, grads = run(per_replica)
-    first = lambda x: strategy.experimental_local_results(x)[0].numpy()
-    return first(loss), [first(g) for g in grads]
-
-
-@pytest.mark.parametrize("name,params", CASES, ids=lambda x: str(x))
+@pytest.mark.slow
+@pytest.mark.xdist_group("replicas")      # one process computes each case's step once for this and test_multiworker
+@pytest.mark.parametrize("name,params", RICHEST, ids=lambda x: str(x))
 def test_two_replicas_equal_one(name, params, mirrored):
-    keras.utils.set_random_seed(0)
-    cfg = tiny_config(name, **params)
-    views, labels = _views(cfg)
-    one = _build(cfg, tf.distribute.get_strategy())
-    two = _build(cfg, mirrored, one.get_weights())
-
-    loss1, g1 = _grads(one, tf.distribute.get_strategy(), views)
-    loss2, g2 = _grads(two, mirrored, views)
+    """Each method's richest variant (tests/helpers.py RICHEST: it runs every line of the simpler variants, whose
+    single-device steps test_xla and the recipe runs cover)."""
+    case = one_step_cases(name, params, mirrored)
+    cfg, one, two = case.cfg, case.one, case.two
+    loss1, g1, loss2, g2 = case.loss1, case.grads1, case.loss2, case.grads2
     assert np.isfinite(loss1) and abs(loss1 - loss2) < 1e-5
     assert max(np.max(np.abs(a)) for a in g1) > 0
     for a, b in zip(g1, g2):  # float32 error scales with the tensor's magnitude (WCL's reach ~10)
         np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, np.abs(a).max()), rtol=1e-4)
 
     # one optimizer step: every weight (student, teacher incl. BN statistics, probe, queue) equal to 1e-5
-    step = lambda v, l: tf.data.Dataset.from_tensors({"views": v, "label": l})
-    h1 = one.fit(step(views, labels), epochs=1, verbose=0).history
-    h2 = two.fit(step(views, labels), epochs=1, verbose=0).history
+    step = lambda v, l: tf.data.Dataset.from_tensors({"views": v, "label": l})   # noqa: E731
+    h1, h2 = case.history1, case.history2
     assert set(h1) == set(h2)
     for key in set(h1) - {"z_std"}:  # z_std is a per-replica statistic; the rest (loss, probe, method metrics
         np.testing.assert_allclose(h1[key], h2[key], atol=1e-5, err_msg=key)  # like WCL's weak labels) is global
@@ -99,13 +49,13 @@ def test_two_replicas_equal_one(name, params, mirrored):
         for opt2, opt1 in ((two.optimizer, one.optimizer), (two.probe_optimizer, one.probe_optimizer)):
             for v2, v1 in zip(opt2.variables, opt1.variables):
                 v2.assign(v1)
-    views2, labels2 = _views(cfg, seed=1)
+    views2, labels2 = case_views(cfg, seed=1)
     h1 = one.fit(step(views2, labels2), epochs=1, verbose=0).history
     h2 = two.fit(step(views2, labels2), epochs=1, verbose=0).history
     np.testing.assert_allclose(h1["loss"], h2["loss"], rtol=1e-4)
     _assert_same_weights(one, two, atol=1e-4)
     if one.uses_teacher:
-        rows = 2 * B * (2 if getattr(cfg.method, "symmetric", False) else 1)
+        rows = 2 * 8 * (2 if getattr(cfg.method, "symmetric", False) else 1)
         assert int(two.queue_ptr.numpy()) == int(one.queue_ptr.numpy()) == rows % cfg.method.queue_size
         for values in mirrored.experimental_local_results(two.queue):  # every replica holds the same queue
             np.testing.assert_allclose(values.numpy(), one.queue.numpy(), atol=1e-4)

@@ -5,13 +5,13 @@ every weight (student, teacher incl. BatchNorm statistics, probe) and the queues
 
 The cluster is started once: the workers (tests/multiworker_worker.py) loop over all cases, building each model fresh
 from the initial weights this test writes first, so the three setups start from identical weights and batches
-(test_methods' crafted ``_views``). The references are computed here while the workers run. The launcher's own
-behaviour (TF_CONFIG, output prefixes, failure and timeout handling) is tested with tiny Python workers first.
+(tests/helpers.py's crafted views). The references are the 1-device and 2-replica steps of test_methods, computed
+once per test process (helpers.one_step_cases, same xdist group). The launcher's own behaviour (TF_CONFIG, output
+prefixes, failure and timeout handling) is tested with tiny Python workers first.
 """
 import json
 import os
 import sys
-import threading
 import time
 
 import keras
@@ -19,18 +19,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import multiworker_worker as worker
-from conftest import h5_weights, tiny_config
-from test_methods import CASES, _views
+import helpers
+from conftest import h5_weights
+from helpers import RICHEST, case_id, one_step_cases, weights_of
 from tfssl import config
 from tfssl.launch import TIMEOUT_EXIT, free_ports, launch_local, tf_config, worker_argv
 
 TIMEOUT = 600           # seconds for the whole worker cluster (all cases: ~3–5 min on 2 busy cores); then killed
 ATOL, RTOL = 1e-5, 1e-4  # test_methods' one-step tolerances
-
-
-def _case_id(k, name, params):
-    return f"case{k}_{name}"
 
 
 def _diff(a, b, atol=ATOL, rtol=RTOL):
@@ -125,76 +121,52 @@ def test_launch_local_timeout_kills_workers_that_ignore_sigterm(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("replicas")
 def test_two_workers_equal_two_replicas_and_one_device(tmp_path, mirrored):
     # one case per method, its richest variant (multi-crop, symmetric, KNN crops, stage-3 level): every gather,
     # queue and synchronized-BN path crosses the worker boundary; the other variants differ only within a process
-    richest = [CASES[i] for i in (1, 2, 4, 6, 8)]
-    assert sorted({name for name, _ in richest}) == sorted({name for name, _ in CASES})
-    problems, rows = run_cases(richest, tmp_path, mirrored)
+    assert sorted({name for name, _ in RICHEST}) == sorted({name for name, _ in helpers.CASES})
+    problems, rows = run_cases(RICHEST, tmp_path, mirrored)
     assert not problems, "\n".join(problems + ["", "max differences:"] + rows)
 
 
 def run_cases(method_cases, tmp_path, mirrored):
-    """Train ``method_cases`` (test_methods.CASES entries) one step in the three setups; (problems, summary rows)."""
+    """Train ``method_cases`` (helpers.CASES entries) one step on 2 workers and compare with the 1-device and
+    2-replica steps; (problems, summary rows)."""
     start = time.perf_counter()
-    default = tf.distribute.get_strategy()
-    cases, ones = [], {}
-    for k, (name, params) in enumerate(method_cases):
-        cfg = tiny_config(name, **params)
-        keras.utils.set_random_seed(0)
-        views, labels = _views(cfg)
-        case = {"id": _case_id(k, name, params), "num_views": len(views)}
-        ones[case["id"]] = worker.build(cfg, default)   # 1 process × 1 device; its weights are everyone's start
-        init = ones[case["id"]].get_weights()
-        config.dump(cfg, str(tmp_path / f"{case['id']}.yaml"))
-        np.savez(tmp_path / f"{case['id']}_init.npz", labels=labels, **{f"view{i}": v for i, v in enumerate(views)},
-                 **{f"w{i:04d}": w for i, w in enumerate(init)})
+    steps = [one_step_cases(name, params, mirrored) for name, params in method_cases]   # cached per process
+    cases = []
+    for name, params in method_cases:
+        step = one_step_cases(name, params, mirrored)
+        case = {"id": case_id(name, params), "num_views": len(step.views)}
+        config.dump(step.cfg, str(tmp_path / f"{case['id']}.yaml"))
+        np.savez(tmp_path / f"{case['id']}_init.npz", labels=step.labels,
+                 **{f"view{i}": v for i, v in enumerate(step.views)},
+                 **{f"w{i:04d}": w for i, w in enumerate(step.init)})
         cases.append(case)
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-
-    # the cluster runs in the background while this process computes the references
-    lines, outcome = [], {}
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiworker_worker.py")
     env = {"KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-    cluster = threading.Thread(target=lambda: outcome.update(code=launch_local(
-        [script, str(tmp_path)], workers=2, timeout=TIMEOUT, env=env, log=lines.append, command=[sys.executable])))
-    cluster.start()
-    try:
-        references, names = {}, {}
-        for case, (name, params) in zip(cases, method_cases):
-            cfg = tiny_config(name, **params)
-            with np.load(tmp_path / f"{case['id']}_init.npz") as f:
-                views = tuple(f[f"view{i}"] for i in range(case["num_views"]))
-                labels, init = f["labels"], worker.weights_of(f)
-            one = ones.pop(case["id"])                # 1 process × 1 device: plain fit on the global batch
-            h1 = one.fit(tf.data.Dataset.from_tensors({"views": views, "label": labels}), epochs=1, verbose=0)
-            keras.utils.set_random_seed(0)
-            two = worker.build(cfg, mirrored, init)   # 1 process × 2 logical CPUs, stepped like the workers
-            logs2 = worker.train_step(two, mirrored, worker.distributed_batch(mirrored, views, labels))
-            references[case["id"]] = (worker.results(one, {k: v[-1] for k, v in h1.history.items()}),
-                                      worker.results(two, logs2), init)
-            names[case["id"]] = [v.path for v in one.weights]
-    finally:
-        cluster.join(TIMEOUT + 60)
+    lines = []
+    code = launch_local([script, str(tmp_path)], workers=2, timeout=TIMEOUT, env=env, log=lines.append,
+                        command=[sys.executable])
     log = "\n".join(lines[-80:])
-    assert not cluster.is_alive(), "launch_local did not return\n" + log
-    assert outcome.get("code") == 0, f"the workers failed (exit code {outcome.get('code')}):\n{log}"
+    assert code == 0, f"the workers failed (exit code {code}):\n{log}"
 
     problems, rows = [], []
-    for case in cases:
-        one, two, init = references[case["id"]]
+    for case, step in zip(cases, steps):
         with np.load(tmp_path / f"{case['id']}_worker0.npz") as f:
             chief = dict(f)
         with np.load(tmp_path / f"{case['id']}_worker1.npz") as f:
             other = dict(f)
         label = case["id"]
         assert np.isfinite(chief["log_loss"]) and int(chief["iterations"]) == 1, label
-        moved = max(np.abs(a - b).max() for a, b in zip(worker.weights_of(chief), init))
+        moved = max(np.abs(a - b).max() for a, b in zip(weights_of(chief), step.init))
         assert moved > 1e-3, f"{label}: the step did not change the weights"
-        _compare(f"{label} 2 workers vs 1 device", chief, one, names[label], problems, rows)
-        _compare(f"{label} 2 workers vs 2 replicas", chief, two, names[label], problems, rows)
+        _compare(f"{label} 2 workers vs 1 device", chief, step.results1, step.names, problems, rows)
+        _compare(f"{label} 2 workers vs 2 replicas", chief, step.results2, step.names, problems, rows)
         # the workers' mirrored variables are in sync: all-reduced updates are bit-identical on every worker
-        _compare(f"{label} worker 1 vs worker 0", other, chief, names[label], problems, rows, atol=0.0, rtol=0.0)
+        _compare(f"{label} worker 1 vs worker 0", other, chief, step.names, problems, rows, atol=0.0, rtol=0.0)
     rows.append(f"{len(cases)} cases in {time.perf_counter() - start:.0f} s; workers: "
                 + "; ".join(line for line in lines if "done in" in line))
     print("\n".join(rows))

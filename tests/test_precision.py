@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
-from test_methods import _build, _views
+from helpers import build as _build, case_views as _views
 from tfssl import config
 from tfssl.train import pretrain
 

@@ -284,3 +284,82 @@ def test_on_device_matches_in_pipeline(fmnist_image, preset):
         assert not bad, f"view {k}: {bad}"
     # the comparison can tell views apart: the weak view and the zoomed-in small crop differ
     assert _compare(_per_image(on_dev, 1), _per_image(on_dev, 3))
+
+
+# ------------------------------------------------------------------------------- XLA-compilable crop (issue #19)
+
+def _old_crop(images, size, scale, ratio=(3 / 4, 4 / 3)):
+    """The crop before the XLA rewrite: boxes from TF's global RNG, ``tf.image.crop_and_resize`` (no XLA kernel)."""
+    b = tf.shape(images)[0]
+    area = tf.random.uniform([b], *scale)
+    log_r = tf.random.uniform([b], np.log(ratio[0]), np.log(ratio[1]))
+    h = tf.minimum(tf.sqrt(area / tf.exp(log_r)), 1.0)
+    w = tf.minimum(tf.sqrt(area * tf.exp(log_r)), 1.0)
+    y0, x0 = tf.random.uniform([b]) * (1.0 - h), tf.random.uniform([b]) * (1.0 - w)
+    out = tf.image.crop_and_resize(images, tf.stack([y0, x0, y0 + h, x0 + w], 1), tf.range(b), [size, size])
+    return out, h * w, w / h
+
+
+def _within(a, b, name, z=4.0):
+    """Mean and std of two samples agree within z standard errors."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    se_mean = np.sqrt(a.var() / len(a) + b.var() / len(b))
+    se_std = np.sqrt(a.var() / (2 * len(a)) + b.var() / (2 * len(b)))
+    assert abs(a.mean() - b.mean()) <= z * se_mean, (name, "mean", a.mean(), b.mean(), se_mean)
+    assert abs(a.std() - b.std()) <= z * se_std, (name, "std", a.std(), b.std(), se_std)
+
+
+@pytest.mark.parametrize("scale", [(0.2, 1.0), (0.08, 1.0), (0.05, 0.14)])
+def test_new_crop_has_the_distribution_of_the_old_one(fmnist_image, scale):
+    """4096 draws each: box area and aspect, and the pixel statistics of the crops of a real image, of today's
+    matmul-resampled crop (seeded, stateless) against the crop_and_resize one (global RNG)."""
+    n = 4096
+    images = tf.cast(tf.repeat(fmnist_image[None], n, axis=0), tf.float32) / 255.0
+    keras.utils.set_random_seed(21)
+    old, old_area, old_aspect = _old_crop(images, 24, scale)
+    crop = V.RandomResizedCrop(24, scale)
+    with V.seeded(tf.constant([5, 6], tf.int64)):
+        y0, x0, h, w = crop.boxes(n)
+    with V.seeded(tf.constant([5, 6], tf.int64)):
+        new = crop(images)
+    for name, a, b in (("area", old_area, h * w), ("aspect", old_aspect, w / h),
+                       ("pixel mean", tf.reduce_mean(old, [1, 2, 3]), tf.reduce_mean(new, [1, 2, 3])),
+                       ("pixel std", tf.math.reduce_std(old, [1, 2, 3]), tf.math.reduce_std(new, [1, 2, 3]))):
+        _within(a.numpy(), b.numpy(), name)
+    # the same boxes give the same pixels as crop_and_resize (bilinear on its sampling grid)
+    same = tf.image.crop_and_resize(images[:64], tf.stack([y0, x0, y0 + h, x0 + w], 1)[:64], tf.range(64), [24, 24])
+    np.testing.assert_allclose(new[:64].numpy(), same.numpy(), atol=2e-5)
+
+
+def test_flip_and_colour_statistics_match_the_stateful_draws(fmnist_image):
+    """Flip rate and colour statistics over 4096 images: stateless draws (tfssl.rng, as in training) against TF's
+    global RNG (the draws before issue #19) — the layers are the same, only the random source changed."""
+    n = 4096
+    images = tf.cast(tf.repeat(fmnist_image[None], n, axis=0), tf.float32) / 255.0
+    layers = [V.RandomFlip(), V.ColorJitter(0.4, 0.4, 0.4, 0.1), V.RandomGrayscale(0.2), V.GaussianBlur(32),
+              V.RandomSolarize(0.2)]
+    keras.utils.set_random_seed(22)
+    stateful = [layer(images) for layer in layers]
+    with V.seeded(tf.constant([7, 8], tf.int64)):
+        stateless = [layer(images) for layer in layers]
+    for layer, a, b in zip(layers, stateful, stateless):
+        for stat in (tf.reduce_mean, tf.math.reduce_std):
+            _within(stat(a, [1, 2, 3]).numpy(), stat(b, [1, 2, 3]).numpy(), type(layer).__name__)
+    flipped = lambda out: np.abs(out.numpy() - images.numpy()).max(axis=(1, 2, 3)) > 1e-6   # noqa: E731
+    assert abs(flipped(stateful[0]).mean() - 0.5) < 0.04 and abs(flipped(stateless[0]).mean() - 0.5) < 0.04
+
+
+@pytest.mark.parametrize("preset", ["fashion_mnist", "imagenet"])     # gray-only jitter; every op incl. hue, blur
+def test_every_recipe_compiles_with_xla_and_draws_the_tf_data_views(fmnist_image, preset):
+    """Views under ``jit_compile=True`` equal the same views in a tf.data map from the same stateless seed (the
+    draws and the ops agree across compile modes). byol2 has every op (crop, flip, jitter, gray, blur, solarize),
+    weak the crop alone; then a warm-up schedule of two other recipes and a small crop."""
+    layer = V.Views(("byol2", "weak"), preset, 32, small_crops=1, small_size=16, warmup_recipes=("strong", "simclr"),
+                    warmup_steps=3)
+    batch = tf.repeat(fmnist_image[None], 8, axis=0)
+    compiled = tf.function(lambda x, s, t: layer(x, step=t, seed=s), jit_compile=True)
+    for step in (1, 5):                                   # in the warm-up, then after it (one compile)
+        seed, t = tf.constant([3, step], tf.int64), tf.constant(step, tf.int64)
+        ds = tf.data.Dataset.from_tensors(batch).map(lambda x: layer(x, step=t, seed=seed))
+        for a, b in zip(compiled(batch, seed, t), next(iter(ds))):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=5e-5)

@@ -75,37 +75,28 @@ def batch_norm_fused(x, gamma, beta, epsilon):
     return y if four_d else tf.reshape(y, tf.shape(x)), tf.stop_gradient(mean), tf.stop_gradient(variance)
 
 
-def set_xla(model, xla):
-    """Tell every tfssl BatchNorm and Conv2D layer of ``model`` whether its training step will be XLA-compiled,
-    which picks the BatchNorm kernel (:func:`batch_norm_train` under XLA, :func:`batch_norm_fused` otherwise) and
-    the conv kernel-gradient chunk (2 MB under XLA, 8 MB for oneDNN; bench/NOTES.md §5). A method's
-    ``make_train_function`` calls it; it takes effect at the next trace."""
-    for layer in model._flatten_layers():
-        if isinstance(layer, (FusedBatchNormalization, ChunkedGradConv2D)):
-            layer.xla = bool(xla)
-
-
 @keras.saving.register_keras_serializable(package="tfssl")
 class FusedBatchNormalization(layers.BatchNormalization):
     """BatchNormalization whose training step is one of two fused kernels (statistics of this replica's batch):
-    :func:`batch_norm_train`, the closed-form gradient, when the step is XLA-compiled, else TensorFlow's
-    ``FusedBatchNormV3`` (:func:`batch_norm_fused`). ``xla`` (default False) is set by :func:`set_xla`.
+    ``kernel = "closed_form"`` (:func:`batch_norm_train`, the closed-form gradient; for XLA-compiled steps) or
+    ``"fused_v3"`` (TensorFlow's ``FusedBatchNormV3``, :func:`batch_norm_fused`; for TF-graph steps, the default),
+    or ``"stock"`` (Keras's own training path). The device plan sets it (:func:`tfssl.devices.apply_kernels`).
 
     Same variables, config, moving-statistics update and inference path as Keras's layer; only the training-mode
     forward/backward is written out. Masks and renorm fall back to Keras's implementation. Exported backbones
     swap it for the stock layer (:func:`tfssl.export.plain_backbone`).
     """
-    xla = False
+    kernel = "fused_v3"
 
     def _fused_ok(self, training, mask):
-        return bool(training) and self.trainable and mask is None and not self.renorm and self.scale and self.center
+        return self.kernel != "stock" and bool(training) and self.trainable and mask is None and not self.renorm and self.scale and self.center
 
     def call(self, inputs, training=None, mask=None):
         last_axis_only = list(self._reduction_axes) == list(range(len(inputs.shape) - 1))
         if not (last_axis_only and self._fused_ok(training, mask)):
             return super().call(inputs, training=training, mask=mask)
         x = tf.cast(inputs, tf.float32)          # float32 statistics under mixed precision, as Keras's layer
-        kernel = batch_norm_train if self.xla else batch_norm_fused
+        kernel = batch_norm_train if self.kernel == "closed_form" else batch_norm_fused
         y, mean, variance = kernel(x, tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32), self.epsilon)
         m = self.momentum                         # the moving statistics are float32 variables
         self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
@@ -133,10 +124,14 @@ class SyncBatchNormalization(FusedBatchNormalization):
             return super()._moments(inputs, mask)
         x = tf.cast(inputs, tf.float32)
         axes = list(self._reduction_axes)
-        count = ctx.all_reduce("sum", tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), tf.float32))
-        mean = ctx.all_reduce("sum", tf.reduce_sum(x, axis=axes, keepdims=True)) / count
-        variance = ctx.all_reduce("sum", tf.reduce_sum(tf.square(x - mean), axis=axes, keepdims=True)) / count
-        return (tf.cast(tf.squeeze(mean, axes), inputs.dtype), tf.cast(tf.squeeze(variance, axes), inputs.dtype))
+        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), tf.float32)
+        total = tf.reduce_sum(x, axis=axes, keepdims=True)
+        # two collectives per call: [Σx, n] together, then Σ(x − μ)² (the second pass needs the global μ)
+        sums = ctx.all_reduce("sum", tf.concat([tf.reshape(total, [-1]), [count]], 0))
+        mean = tf.reshape(sums[:-1] / sums[-1], tf.shape(total))
+        variance = ctx.all_reduce("sum", tf.reduce_sum(tf.square(x - mean), axis=axes, keepdims=True)) / sums[-1]
+        mean, variance = tf.squeeze(mean, axes), tf.squeeze(variance, axes)
+        return tf.cast(mean, inputs.dtype), tf.cast(variance, inputs.dtype)
 
 
 def conv2d_chunked_grad(x, kernel, stride, chunk_bytes=2 << 20):
@@ -170,17 +165,18 @@ def conv2d_chunked_grad(x, kernel, stride, chunk_bytes=2 << 20):
 @keras.saving.register_keras_serializable(package="tfssl")
 class ChunkedGradConv2D(layers.Conv2D):
     """Keras Conv2D (``same`` padding, square stride, no dilation or groups, channels-last) whose kernel gradient
-    is :func:`conv2d_chunked_grad`, over chunks of ≤ 2 MB when ``xla`` (set by :func:`set_xla`) and ≤ 8 MB
-    otherwise; anything else is Keras's convolution. Exports swap it for the stock layer."""
-    xla = False
+    is :func:`conv2d_chunked_grad` over batch chunks of ≤ ``chunk_bytes`` (8 MB by default, the TF-graph setting;
+    2 MB for XLA; None: Keras's convolution). The device plan sets it (:func:`tfssl.devices.apply_kernels`);
+    anything but the simple case is Keras's convolution too. Exports swap it for the stock layer."""
+    chunk_bytes = 8 << 20
 
     def convolution_op(self, inputs, kernel):
         simple = (self.padding == "same" and self.data_format == "channels_last" and self.groups == 1
                   and self.strides[0] == self.strides[1] and tuple(self.dilation_rate) == (1, 1)
                   and None not in inputs.shape[1:])
-        if not simple:
+        if not simple or self.chunk_bytes is None:
             return super().convolution_op(inputs, kernel)
-        return conv2d_chunked_grad(inputs, kernel, self.strides[0], (2 if self.xla else 8) << 20)
+        return conv2d_chunked_grad(inputs, kernel, self.strides[0], self.chunk_bytes)
 
 
 def _bn(sync, name, zero=False):

@@ -71,7 +71,8 @@ class TrainConfig:
     probe_lr: float = 0.1
     seed: int = 0
     jit_compile: Any = "auto"               # true | false | auto: XLA on TPU/GPU, on a CPU unless AVX-512 (NOTES.md 5)
-    precision: str = "float32"
+    kernels: str = "auto"                   # conv/BatchNorm training kernels: auto (tfssl.devices) | stock | tuned
+    precision: str = "float32"              # float32 | mixed_bfloat16 | mixed_float16 | auto (tfssl.devices)
     resume: bool = True                     # continue from RUN/backup after a kill (same command, same recipe)
     deterministic: bool = False             # TensorFlow's deterministic ops (bit-identical reruns; slower)
     on_nan: str = "stop"                    # non-finite loss: stop (keep the last good backup) | skip the update
@@ -121,7 +122,8 @@ CHOICES = {
     ("augment", "preset"): ["fashion_mnist", "cifar", "stl10", "imagenet"],
     ("train", "optimizer"): ["sgd", "lars", "lamb"],
     ("train", "lr_scaling"): ["linear", "sqrt", "none"],
-    ("train", "precision"): ["float32", "mixed_bfloat16", "mixed_float16"],
+    ("train", "precision"): ["float32", "mixed_bfloat16", "mixed_float16", "auto"],
+    ("train", "kernels"): ["auto", "stock", "tuned"],
     ("train", "on_nan"): ["stop", "skip"],
     ("train", "jit_compile"): [True, False, "auto"],
     ("distribute", "strategy"): ["default", "mirrored", "multi_worker", "tpu"],

@@ -14,13 +14,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-
-def _uniform(seed, shape):
-    """Uniforms in [0, 1) from the top 24 bits of stateless uint32 draws. XLA and the TF kernels agree on these
-    bits only for seeds in [0, 2³¹), so each seed entry is first reduced modulo 2³¹."""
-    seed = tf.cast(tf.bitwise.bitwise_and(tf.cast(seed, tf.int64), 0x7FFFFFFF), tf.int32)
-    bits = tf.random.stateless_uniform(shape, seed, minval=None, maxval=None, dtype=tf.uint32)
-    return tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) * (2.0 ** -24)
+from tfssl.rng import uniform as _uniform
 
 
 def sample_lambda(seed, shape=()):

@@ -16,7 +16,7 @@ import os
 
 import tensorflow as tf
 
-from tfssl.backbones import set_xla
+from tfssl import devices
 
 
 def num_replicas() -> int:
@@ -128,30 +128,10 @@ def is_multi_worker(strategy) -> bool:
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
-def cpu_has_avx512() -> bool:
-    """Whether this (Linux) CPU reports AVX-512 (``avx512f`` in /proc/cpuinfo); False where that cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "avx512f" in line.split() for line in f)
-    except OSError:
-        return False
-
-
-def resolve_jit_compile(setting, strategy=None):
-    """``train.jit_compile`` as (bool, reason). ``"auto"``: XLA on TPUs (required) and GPUs; on a CPU, XLA unless
-    it has AVX-512, where TensorFlow's own graph with oneDNN's kernels runs the step faster than XLA:CPU (bench/
-    NOTES.md §5: ResNet-18 ReSSL step 1.2× faster without XLA on an AVX-512 EPYC; 1.1× slower on an AVX2 one)."""
-    if strategy is not None and is_multi_worker(strategy) and not tf.config.list_logical_devices("GPU"):
-        return False, "multi-worker on CPU: XLA:CPU has no collectives"
-    if setting != "auto":
-        return bool(setting), "train.jit_compile"
-    if isinstance(strategy, tf.distribute.TPUStrategy) or tf.config.list_logical_devices("TPU"):
-        return True, "auto: TPU"
-    if tf.config.list_logical_devices("GPU"):
-        return True, "auto: GPU"
-    if cpu_has_avx512():
-        return False, "auto: CPU with AVX-512, oneDNN graph"
-    return True, "auto: CPU without AVX-512"
+def train_plan(setting_jit, kernels="auto", precision="float32", strategy=None):
+    """The device plan (:func:`tfssl.devices.plan`) of a train step under ``strategy`` (default: the current one)."""
+    strategy = strategy or tf.distribute.get_strategy()
+    return devices.plan(devices.detect(strategy), setting_jit, kernels, precision, multi_worker=is_multi_worker(strategy))
 
 
 def strategy_name(strategy) -> str:
@@ -180,8 +160,10 @@ class MultiWorkerFit:
     def make_train_function(self, force=False):
         strategy = self.distribute_strategy
         on_cpu = not tf.config.list_logical_devices("GPU")
-        if self.train_function is None or force:       # BatchNorm / conv kernels for an XLA or a graph step
-            set_xla(self, self.jit_compile and not (on_cpu and is_multi_worker(strategy)))
+        if self.train_function is None or force:       # BatchNorm / conv training kernels of the device plan
+            plan = train_plan(bool(self.jit_compile), getattr(self, "kernel_setting", "auto"), strategy=strategy)
+            devices.apply_kernels(self, plan)
+            self.kernel_plan = plan
         if not is_multi_worker(strategy):
             return super().make_train_function(force=force)
         if self.train_function is not None and not force:

@@ -89,7 +89,8 @@ def pair_pipeline(source, table, views, batch_size, mix, seed=0, steps=None, epo
     depend only on (``seed``, element / step index), as in :func:`epoch_pipeline` (``steps``/``epoch`` likewise).
     ``views`` makes a (query, key) pair of each image; ``mix(q_anchor, q_neighbour, seed) → (mixed, λ′)`` is CsMl's
     CutMix, one box per global batch.
-    Yields ``{"views": (q_i, k_i, q_j, k_j, q_mix, λ′ per row [B]), "label": anchor labels}``.
+    Yields ``{"views": (q_i, k_i, q_j, k_j, q_mix, λ′ per row [B]), "label": anchor labels}``, or with
+    ``views=None`` (views on the device) ``{"anchor", "neighbour", "label"}`` uint8 batches.
     """
     lookup = indexed(source)
     n, k = int(table.shape[0]), int(table.shape[1])
@@ -113,8 +114,10 @@ def pair_pipeline(source, table, views, batch_size, mix, seed=0, steps=None, epo
         return {"views": (qi, ki, qj, kj, qm, tf.fill([batch_size], lam)), "label": e["label"]}
 
     ds = _epoch_elements(n, batch_size, steps or 1, epoch, seed).map(pair, AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=True).enumerate()
-    return ds.map(make_views, AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    if views is None:
+        return ds.prefetch(AUTOTUNE)
+    return ds.enumerate().map(make_views, AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
 
 
 def stream_pipeline(ds, batch_size, steps, epoch, views=None, seed=0, shuffle_buffer=10000):

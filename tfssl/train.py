@@ -75,8 +75,6 @@ def pretrain(cfg: config.Config, workdir: str, log=print):
 def _run(cfg, workdir, log, strategy, source, steps, backup_dir, chief=True):
     """:func:`pretrain` once strategy and data are known: writes into ``workdir``, runs in ``train.precision``."""
     replicas = strategy.num_replicas_in_sync
-    os.makedirs(workdir, exist_ok=True)      # only once the recipe and data are known to be usable
-    config.dump(cfg, os.path.join(workdir, "config.yaml"))
     total = steps * cfg.train.epochs
     log(f"tfssl {__version__}: {type(cfg.method).method_name} on {source.name} ({source.num_train} train / "
         f"{source.num_test} held-out images, {source.skipped_corrupt} corrupt skipped), backbone "
@@ -84,24 +82,28 @@ def _run(cfg, workdir, log, strategy, source, steps, backup_dir, chief=True):
         f"{replicas} replica(s) [{distribute.strategy_name(strategy)}]")
 
     views = methods.views_for(cfg, steps)        # augmentation stays float32
+    plan = distribute.train_plan(cfg.train.jit_compile, cfg.train.kernels, cfg.train.precision, strategy)
+    log(f"train step: {plan.describe()}")
     previous_policy = keras.mixed_precision.dtype_policy()
-    keras.mixed_precision.set_dtype_policy(cfg.train.precision)   # layers built now compute in it
+    keras.mixed_precision.set_dtype_policy(plan.precision)   # layers built now compute in it
     try:
-        return _fit(cfg, workdir, log, strategy, source, steps, total, views, backup_dir, chief)
+        return _fit(cfg, workdir, log, strategy, source, steps, total, views, backup_dir, chief, plan)
     finally:
         keras.mixed_precision.set_dtype_policy(previous_policy)
 
 
-def _fit(cfg, workdir, log, strategy, source, steps, total, views, backup_dir, chief):
+def _fit(cfg, workdir, log, strategy, source, steps, total, views, backup_dir, chief, plan):
     replicas = strategy.num_replicas_in_sync
-    jit, why = distribute.resolve_jit_compile(cfg.train.jit_compile, strategy)
-    log(f"train step: {'XLA' if jit else 'TF graph, no XLA'} ({why})")
     with strategy.scope():
         model = methods.build(cfg, source.num_classes, source.mean, source.std, total,
                               on_device_views=views if cfg.augment.on_device else None, steps_per_epoch=steps)
         model.compile(build_optimizer(cfg.train, total, steps),
                       probe_optimizer=SGD(cfg.train.probe_lr, momentum=0.9, name="probe_sgd"),
-                      jit_compile=jit)
+                      jit_compile=plan.jit)
+    if cfg.augment.on_device and plan.jit:   # an op without an XLA kernel: one clear error, before any training
+        model.check_views_compile(cfg.augment.size)
+    os.makedirs(workdir, exist_ok=True)      # only once the recipe, data and step are known to be usable
+    config.dump(cfg, os.path.join(workdir, "config.yaml"))
     with tf.device("/cpu:0"):                # read by the input pipeline at every epoch start
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_epoch")
     batches = model.make_pipeline(source, views, cfg, steps, epoch)
@@ -158,6 +160,6 @@ def _fit(cfg, workdir, log, strategy, source, steps, total, views, backup_dir, c
         knn_top1=figures.get("knn_top1"), knn_top5=figures.get("knn_top5"), probe_top1=figures.get("probe_top1"),
         probe_train_top1=figures.get("probe_acc"), final_loss=figures.get("loss"),
         history={k: [float(x) for x in v] for k, v in history.items()}, resumed_from_epoch=backup.restored_epoch,
-        checkpoint=checkpoint.path, **model.job_summary(), versions={"tfssl": __version__, "tensorflow": tf.__version__,
+        checkpoint=checkpoint.path, train_plan=plan.as_dict(), **model.job_summary(), versions={"tfssl": __version__, "tensorflow": tf.__version__,
                                               "keras": keras.__version__, "python": platform.python_version()})
     return summary

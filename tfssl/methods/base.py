@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfssl import data, distribute, pipeline
+from tfssl import data, devices, distribute, pipeline, rng
 from tfssl.backbones import build_backbone, build_mlp, feature_dim
 from tfssl.optim import SGD, SkipNonFinite
 
@@ -41,11 +41,12 @@ class SSLMethod(distribute.MultiWorkerFit, keras.Model):
     label_metric_names = ()      # scalars of :meth:`label_metrics` (need the monitoring labels)
 
     def __init__(self, params, model_cfg, num_classes=0, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3, views=None,
-                 total_steps=1, seed=0, steps_per_epoch=None, on_nan="stop", **kw):
+                 total_steps=1, seed=0, steps_per_epoch=None, on_nan="stop", kernels="auto", **kw):
         super().__init__(name=kw.pop("name", self.method_name), **kw)
         if on_nan not in ("stop", "skip"):
             raise ValueError(f"on_nan={on_nan!r} is not one of stop, skip")
         self.on_nan = on_nan
+        self.kernel_setting = kernels           # train.kernels: the device plan's conv/BN kernels (tfssl.devices)
         self.params, self.model_cfg, self.num_classes = params, model_cfg, num_classes
         self.total_steps, self.seed = max(1, int(total_steps)), seed
         self.steps_per_epoch = int(steps_per_epoch or self.total_steps)
@@ -214,18 +215,50 @@ class SSLMethod(distribute.MultiWorkerFit, keras.Model):
             data = data[0]
         labels = data.get("label") if isinstance(data, dict) else None
         if isinstance(data, dict) and "views" in data:
-            views = tuple(data["views"])
-        else:
-            images = data["image"] if isinstance(data, dict) else data
-            if self.views is None:
-                raise ValueError("train_step got raw images but the model has no on-device views; pass views=… "
-                                 "or feed {'views': (…)} from the pipeline")
-            step = self.optimizer.iterations
-            # stateless draws keyed by (seed, step, replica): a resumed run makes the same views (resume.py)
-            seed = tf.random.experimental.stateless_fold_in(
-                tf.stack([tf.constant(self.seed, tf.int64), tf.cast(step, tf.int64)]), distribute.replica_id())
-            views = self.views(images, step=step, seed=seed)
-        return views, labels
+            return tuple(data["views"]), labels
+        if self.views is None:
+            raise ValueError("train_step got raw images but the model has no on-device views; pass views=… "
+                             "or feed {'views': (…)} from the pipeline")
+        step = self.optimizer.iterations
+        # stateless draws keyed by (seed, step, replica): a resumed run makes the same views (resume.py)
+        base = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(step, tf.int64)])
+        seed = rng.fold_in(base, distribute.replica_id())
+        return tuple(self.device_views(data, step, seed, base)), labels
+
+    def device_views(self, data, step, seed, global_seed):
+        """The views of a batch of raw images made on the device (``augment.on_device``): ``seed`` is this
+        replica's stateless seed of the step, ``global_seed`` the same on every replica (for one draw per global
+        batch, e.g. CsMl's CutMix box)."""
+        images = data["image"] if isinstance(data, dict) else data
+        return self.views(images, step=step, seed=seed)
+
+    def example_batch(self, size):
+        """A small raw batch of the structure :meth:`device_views` takes (for the XLA check)."""
+        return {"image": tf.zeros([2, size, size, self._bb_args["channels"]], tf.uint8)}
+
+    def check_views_compile(self, size):
+        """With on-device views in an XLA step, compile the views alone first, so that an op without an XLA kernel
+        is one :class:`tfssl.config.ConfigError` naming it and the settings to change, before any training."""
+        if self.views is None:
+            return
+        from tfssl.config import ConfigError
+        zero = tf.constant(0, tf.int64)
+        seed = tf.constant([0, 0], tf.int64)
+        fn = tf.function(lambda batch: self.device_views(batch, zero, seed, seed), jit_compile=True)
+        try:
+            fn.experimental_get_compiler_ir(self.example_batch(size))(stage="hlo")
+        except Exception as e:          # TF raises InvalidArgumentError or UnimplementedError, by op kind
+            op = devices.first_unsupported_op(e)
+            if op is None:
+                raise
+            raise ConfigError(f"augment.on_device=true under XLA: the view op {op} has no XLA kernel (a layer of "
+                              f"the views, e.g. one of augment.extra, uses it); set augment.on_device=false (views "
+                              f"in the tf.data pipeline) or train.jit_compile=false") from None
+
+    def make_train_function(self, force=False):
+        if self.jit_compile and (self.train_function is None or force):
+            self.check_views_compile(getattr(self.views, "_args", {}).get("size", 32))
+        return super().make_train_function(force=force)
 
     def loss_and_gradients(self, views):
         """(loss share, outputs, gradients of the student variables) for one step, without changing any state."""

@@ -121,15 +121,26 @@ class CsMl(SSLMethod):
     def make_pipeline(self, source, views, cfg, steps, epoch):
         """:func:`tfssl.pipeline.pair_pipeline` over a host neighbour table, initially every image its own neighbour."""
         from tfssl.cutmix import cutmix
-        if cfg.augment.on_device:
-            raise config.ConfigError("csml makes its pairs and CutMix in the input pipeline; set "
-                                     "augment.on_device=false")
         k = self.params.neighbours
         with tf.device("/cpu:0"):
             self.neighbour_table = tf.Variable(np.tile(np.arange(source.num_train, dtype=np.int32)[:, None], (1, k)),
                                                trainable=False, name="neighbour_table")
-        return pipeline.pair_pipeline(source, self.neighbour_table, views, cfg.train.batch_size, cutmix,
-                                  seed=cfg.data.seed or 0, steps=steps, epoch=epoch)
+        return pipeline.pair_pipeline(source, self.neighbour_table, None if cfg.augment.on_device else views,
+                                      cfg.train.batch_size, cutmix, seed=cfg.data.seed or 0, steps=steps, epoch=epoch)
+
+    def device_views(self, data, step, seed, global_seed):
+        """On-device pairs (``augment.on_device``): (q, k) views of the anchors and of their neighbours, then the
+        CutMix of the two q-views with one box per *global* batch (``global_seed``), as :func:`pair_pipeline`."""
+        from tfssl.cutmix import cutmix
+        from tfssl.rng import fold_in as fold
+        qi, ki = self.views(data["anchor"], step=step, seed=fold(seed, 1))[:2]
+        qj, kj = self.views(data["neighbour"], step=step, seed=fold(seed, 2))[:2]
+        qm, lam = cutmix(qi, qj, global_seed)
+        return qi, ki, qj, kj, qm, tf.fill([tf.shape(qi)[0]], lam)
+
+    def example_batch(self, size):
+        image = tf.zeros([2, size, size, self._bb_args["channels"]], tf.uint8)
+        return {"anchor": image, "neighbour": image}
 
     def job_callbacks(self, source, cfg, log=print):
         """The :class:`tfssl.mining.NeighbourMiner` (it mines at epoch starts, before the epoch's batches are read)."""

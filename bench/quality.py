@@ -1,0 +1,197 @@
+"""Representation quality on Fashion-MNIST: what each method's recipe learns, beside raw pixels and a random init.
+
+For every method in ``--methods`` (default: all five) the harness trains the method's Fashion-MNIST recipe
+(``configs/<method>_fashion_mnist.yaml``) on the **full standard split** (60 000 train, 10 000 test: no
+``data.limit``), then runs the same offline protocols on three subjects — the trained backbone, the same backbone
+untrained (``random_init``, same seed) and the raw pixels — with the recipe's evaluation settings:
+
+* weighted kNN (k = 200, τ = 0.1) and majority kNN (k = 20), bank = the 60 000 training images;
+* the linear probe (``eval.linear_preset``, validation split carved from train, last-epoch test figure);
+* fine-tuning on 1 % and 10 % of the labels (``tfssl eval semi``).
+
+It writes ``OUT/results.json`` (every figure, the online figures of pretraining labelled as such, training
+minutes and images/s, CPU flags, the command of each row), ``OUT/results.md`` (the table) and ``OUT/knn_curve.png``
+(held-out weighted kNN accuracy of the online monitor against training minutes, one line per method, raw pixels as
+a horizontal line). Each run lives in ``OUT/<method>/``: run the same command again after a kill and pretraining
+resumes from its last backup (tfssl's exact resume); protocols already recorded in a run's summary.json are not
+run again. ``--minutes M`` stops a method's pretraining after M minutes of training (the schedule keeps the
+recipe's epochs); ``--quick`` is a few-minute smoke run (2 048 training images, 1 epoch, short protocols).
+
+    python bench/quality.py --quick
+    python bench/quality.py                      # the full run (hours on 2 CPU cores)
+    python bench/quality.py --methods ressl,wcl --minutes 30
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+METHODS = ("ressl", "wcl", "csml", "simclr", "mocov2")
+PROTOCOLS = ("knn", "linear", "semi")
+QUICK = ["data.limit=2048", "data.test_limit=1000", "train.epochs=1", "eval.knn_train_limit=2048",
+         "eval.epochs=3", "eval.semi_fractions=[0.05]", "train.knn_every=1"]
+FULL = ["data.limit=null", "data.test_limit=null", "eval.knn_train_limit=null"]
+
+
+def cpu_flags():
+    from tfssl.devices import cpu_flags as flags
+    keep = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma")
+    return " ".join(f for f in keep if f in flags())
+
+
+def overrides(method, args):
+    return list(QUICK if args.quick else FULL) + list(args.set or [])
+
+
+def command(method, args):
+    parts = ["python bench/quality.py", f"--methods {method}"] + (["--quick"] if args.quick else [])
+    parts += [f"--minutes {args.minutes:g}"] if args.minutes else []
+    parts += [f"--set {s}" for s in args.set or []]
+    return " ".join(parts)
+
+
+def pretrain(method, workdir, args, log):
+    """Train the method's recipe in ``workdir``, or resume it, or find it finished; returns summary.json."""
+    from tfssl import config, train
+    sets = overrides(method, args) + ([f"train.max_minutes={args.minutes:g}"] if args.minutes else [])
+    return train.pretrain(config.load(f"{method}_fashion_mnist", sets), workdir, log=log)
+
+
+def evaluate(workdir, subject_kind, log):
+    """Run the missing protocols on one subject (checkpoint | random_init | pixels); returns summary["eval"]."""
+    from tfssl.eval import protocols
+    name = "checkpoint" if subject_kind == "checkpoint" else subject_kind
+    path = os.path.join(workdir, "summary.json")
+    have = json.load(open(path)).get("eval", {}) if os.path.isfile(path) else {}
+    missing = [p for p in PROTOCOLS if name not in have.get(p, {})]
+    if not missing:
+        return have
+    subject = protocols.open_subject(workdir, baseline=None if subject_kind == "checkpoint" else subject_kind)
+    for protocol in missing:
+        t = time.perf_counter()
+        fn = protocols.PROTOCOLS[protocol]
+        result = fn(subject) if protocol == "knn" else fn(subject, log=None)
+        protocols.record(subject, protocol, result)
+        log(f"quality: {os.path.basename(workdir)} {name} {protocol} done in {time.perf_counter() - t:.0f} s")
+    return json.load(open(path))["eval"]
+
+
+def row(eval_, subject):
+    """(weighted kNN, majority kNN, linear, 1 %, 10 %) top-1 of one subject."""
+    get = lambda p: eval_.get(p, {}).get(subject, {})           # noqa: E731
+    semi = get("semi")
+    fraction = lambda f: next((v["top1"] for k, v in semi.items() if isinstance(v, dict) and   # noqa: E731
+                               abs(v.get("fraction", -1) - f) < 1e-9), None)
+    return {"knn_weighted": get("knn").get("weighted", {}).get("top1"),
+            "knn_majority": get("knn").get("majority", {}).get("top1"),
+            "linear": get("linear").get("top1"), "semi_1pct": fraction(0.01), "semi_10pct": fraction(0.1),
+            "semi": {k: v["top1"] for k, v in semi.items() if isinstance(v, dict)}}
+
+
+def pct(x):
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def write_outputs(out, results, meta):
+    with open(os.path.join(out, "results.json.tmp"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    os.replace(os.path.join(out, "results.json.tmp"), os.path.join(out, "results.json"))
+    head = ["method", "subject", "kNN w (k=200)", "kNN maj (k=20)", "linear", "1 % labels", "10 % labels",
+            "train min", "img/s", "online kNN", "online probe"]
+    lines = [f"Fashion-MNIST, {meta['split']}; offline protocols unless marked online; {meta['date']}, "
+             f"{meta['cpu']} ({meta['cpu_flags']}), TensorFlow {meta['tensorflow']}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        lines.append("| " + " | ".join([r["method"], r["subject"], pct(r["knn_weighted"]), pct(r["knn_majority"]),
+                                         pct(r["linear"]), pct(r["semi_1pct"]), pct(r["semi_10pct"]),
+                                         "—" if r.get("train_minutes") is None else f"{r['train_minutes']:.1f}",
+                                         "—" if r.get("images_per_second") is None else
+                                         f"{r['images_per_second']:.0f}",
+                                         pct(r.get("online_knn")), pct(r.get("online_probe"))]) + " |")
+    lines += ["", "Reproduce a row: " + "; ".join(f"`{r['command']}`" for r in results if r["subject"] ==
+                                                   "trained")]
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot(out, curves, pixel_knn):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, (minutes, acc) in curves.items():
+        if minutes:
+            ax.plot(minutes, [100 * a for a in acc], marker="o", label=method)
+    if pixel_knn is not None:
+        ax.axhline(100 * pixel_knn, color="gray", linestyle="--", label="raw pixels")
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel("held-out weighted kNN top-1 (%)  [online monitor]")
+    ax.set_title("Fashion-MNIST: kNN accuracy during pretraining")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(out, "knn_curve.png")
+    fig.savefig(path + ".tmp.png", dpi=120)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ",".join(METHODS))
+    p.add_argument("--minutes", type=float, default=None, help="stop each method's pretraining after this much "
+                   "training time (the recipe's schedule is kept)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2048 images, 1 epoch, short protocols")
+    p.add_argument("--out", default=None, help="output directory (default runs/quality or runs/quality_quick)")
+    p.add_argument("--set", action="append", default=[], help="extra recipe override for every method")
+    args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        p.error(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    out = args.out or os.path.join("runs", "quality_quick" if args.quick else "quality")
+    os.makedirs(out, exist_ok=True)
+    import tensorflow as tf
+    log = lambda msg: print(msg, flush=True)   # noqa: E731
+    results, curves, pixel_knn = [], {}, None
+    for method in methods:
+        workdir = os.path.join(out, method)
+        t = time.perf_counter()
+        summary = pretrain(method, workdir, args, log)
+        log(f"quality: {method} pretrained: {summary['epochs_done']} epochs, {summary['train_seconds'] / 60:.1f} "
+            f"training minutes ({time.perf_counter() - t:.0f} s in this call)")
+        for subject in ("checkpoint", "random_init", "pixels"):
+            evals = evaluate(workdir, subject, log)
+            r = row(evals, subject)
+            r.update(method=method, subject={"checkpoint": "trained"}.get(subject, subject),
+                     command=command(method, args))
+            if subject == "checkpoint":
+                r.update(train_minutes=summary["train_seconds"] / 60, online_knn=summary.get("knn_top1"),
+                         online_probe=summary.get("probe_top1"), images_per_second=summary.get("images_per_second"),
+                         backbone=summary.get("backbone"), epochs=summary["epochs_done"],
+                         precision=summary.get("train_plan", {}).get("precision"))
+            if subject == "pixels":
+                pixel_knn = r["knn_weighted"]
+            results.append(r)
+        h = summary.get("history", {})
+        curves[method] = ([s / 60 for s in h.get("knn_train_seconds", [])], h.get("knn_top1", []))
+        meta = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
+                "cpu_flags": cpu_flags(), "tensorflow": tf.__version__,
+                "split": "quick smoke run (2 048 train / 1 000 test)" if args.quick else
+                "full split (60 000 train / 10 000 test)"}
+        write_outputs(out, results, meta)
+        plot(out, curves, pixel_knn)
+    log(f"quality: wrote {os.path.join(out, 'results.md')}, results.json and knn_curve.png")
+    print(open(os.path.join(out, "results.md")).read())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""tfssl.devices: the one decision point for device-specific choices — the plan for each (simulated) device kind,
+explicit settings, AVX2 emulation, and that stock and tuned kernels compute the same step while exports stay stock."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfssl import devices
+from tfssl.backbones import ChunkedGradConv2D, FusedBatchNormalization, build_backbone
+from tfssl.devices import Device, cap_flags, plan
+from tfssl.export import plain_backbone
+
+AVX2 = frozenset("fpu sse4_1 sse4_2 avx fma avx2".split())
+AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+AVX512_BF16 = AVX512 | {"avx512_bf16"}
+KINDS = {"avx2": Device("cpu", AVX2), "avx512": Device("cpu", AVX512), "bf16": Device("cpu", AVX512_BF16),
+         "amx": Device("cpu", AVX512 | {"amx_bf16", "amx_tile"}), "v100": Device("gpu", compute_capability=(7, 0)),
+         "a100": Device("gpu", compute_capability=(8, 0)), "k80": Device("gpu", compute_capability=(3, 7)),
+         "tpu": Device("tpu")}
+# device → (jit, conv, chunk MB, batch norm, precision) under jit/kernels/precision = auto
+EXPECTED = {"avx2": (True, "chunked", 2, "closed_form", "float32"),
+            "avx512": (False, "chunked", 8, "fused_v3", "float32"),
+            "bf16": (False, "chunked", 8, "fused_v3", "mixed_bfloat16"),
+            "amx": (False, "chunked", 8, "fused_v3", "mixed_bfloat16"),
+            "v100": (True, "stock", None, "stock", "mixed_float16"),
+            "a100": (True, "stock", None, "stock", "mixed_bfloat16"),
+            "k80": (True, "stock", None, "stock", "float32"),
+            "tpu": (True, "stock", None, "stock", "mixed_bfloat16")}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_auto_plan_for_each_device_kind(kind):
+    p = plan(KINDS[kind], "auto", "auto", "auto")
+    jit, conv, chunk, bn, precision = EXPECTED[kind]
+    assert (p.jit, p.conv, p.batch_norm, p.precision) == (jit, conv, bn, precision)
+    assert p.conv_chunk_bytes == (chunk << 20 if chunk else None)
+    assert all(why.startswith("auto: ") for why in p.reasons.values()), p.reasons
+    line = p.describe()                                  # the train step's log line names every choice
+    assert ("XLA (" if jit else "TF graph, no XLA") in line and bn in line and precision in line
+
+
+def test_explicit_settings_win_and_kernels_follow_the_compile_mode():
+    for device in KINDS.values():
+        for jit in (True, False):
+            p = plan(device, jit, "tuned", "float32")
+            assert p.jit is jit and p.reasons["jit"] == "train.jit_compile" and p.precision == "float32"
+            assert (p.conv, p.conv_chunk_bytes, p.batch_norm) == \
+                ("chunked", (2 if jit else 8) << 20, "closed_form" if jit else "fused_v3")
+            stock = plan(device, jit, "stock", "mixed_bfloat16")
+            assert (stock.conv, stock.conv_chunk_bytes, stock.batch_norm) == ("stock", None, "stock")
+            assert stock.reasons == {"jit": "train.jit_compile", "kernels": "train.kernels=stock",
+                                     "precision": "train.precision"}
+    with pytest.raises(ValueError, match="train.kernels"):
+        plan(KINDS["avx2"], "auto", "fast", "float32")
+
+
+def test_multi_worker_on_a_cpu_runs_without_xla():
+    p = plan(KINDS["avx2"], True, "auto", "float32", multi_worker=True)
+    assert not p.jit and "no collectives" in p.reasons["jit"] and p.batch_norm == "fused_v3"
+    assert plan(KINDS["a100"], True, "auto", "float32", multi_worker=True).jit
+
+
+def test_avx2_emulation_caps_the_flags():
+    assert cap_flags(AVX512_BF16, "AVX2") == AVX2
+    assert cap_flags(AVX512_BF16, "avx512_core") == AVX512
+    assert cap_flags(AVX512_BF16, None) == AVX512_BF16 and cap_flags(AVX512_BF16, "nonsense") == AVX512_BF16
+    assert Device("cpu", cap_flags(AVX512_BF16, "AVX2")).cpu_kind == "avx2"
+    emulated = devices.detect(environ={"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert emulated.kind == "cpu" and not any(f.startswith("avx512") for f in emulated.flags)
+    if "avx512f" in devices.cpu_flags():
+        assert emulated.emulated == "AVX2" and "emulated" in emulated.describe()
+
+
+def test_detect_reads_this_cpu_and_finds_accelerators(monkeypatch):
+    with open("/proc/cpuinfo") as f:
+        flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    here = devices.detect(environ={})
+    assert here.kind == "cpu" and here.flags == flags and here.emulated is None
+    real = tf.config.list_logical_devices
+    monkeypatch.setattr(tf.config, "list_logical_devices", lambda kind=None: ["/TPU:0"] if kind == "TPU" else real(kind))
+    assert devices.detect().kind == "tpu"
+    monkeypatch.setattr(tf.config, "list_logical_devices", real)
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["gpu0"] if kind == "GPU" else [])
+    monkeypatch.setattr(tf.config.experimental, "get_device_details", lambda d: {"compute_capability": (8, 6)})
+    gpu = devices.detect()
+    assert gpu.kind == "gpu" and gpu.compute_capability == (8, 6) and gpu.describe() == "GPU sm_86"
+
+
+def _step(model, x, upstream, jit):
+    @tf.function(jit_compile=jit)
+    def run(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(model(x, training=True) * upstream)
+        return [loss] + tape.gradient(loss, [x] + model.trainable_variables)
+    return [t.numpy() for t in run(x)]
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_stock_and_tuned_kernels_give_the_same_step(jit):
+    keras.utils.set_random_seed(0)
+    tuned = build_backbone("tiny", width=2.0)
+    stock = build_backbone("tiny", width=2.0)
+    stock.set_weights(tuned.get_weights())
+    devices.apply_kernels(tuned, plan(KINDS["avx2"], jit, "tuned", "float32"))
+    devices.apply_kernels(stock, plan(KINDS["avx2"], jit, "stock", "float32"))
+    for layer in stock.layers:
+        if isinstance(layer, ChunkedGradConv2D):
+            assert layer.chunk_bytes is None
+        if isinstance(layer, FusedBatchNormalization):
+            assert layer.kernel == "stock"
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.uniform(0, 1, (16, 16, 16, 3)), tf.float32)
+    upstream = tf.constant(rng.standard_normal((16, tuned.outputs[0].shape[-1])), tf.float32)
+    for a, b in zip(_step(tuned, x, upstream, jit), _step(stock, x, upstream, jit)):
+        np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, np.abs(b).max()), rtol=1e-4)
+    for a, b in zip(tuned.non_trainable_weights, stock.non_trainable_weights):   # BatchNorm moving statistics
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_an_exported_backbone_holds_stock_layers_whatever_the_plan():
+    model = build_backbone("tiny")
+    for kernels in ("tuned", "stock"):
+        devices.apply_kernels(model, plan(KINDS["avx2"], True, kernels, "float32"))
+        plain = plain_backbone(model)
+        assert {type(l) for l in plain.layers if isinstance(l, keras.layers.Conv2D)} == {keras.layers.Conv2D}
+        assert {type(l) for l in plain.layers if isinstance(l, keras.layers.BatchNormalization)} == \
+            {keras.layers.BatchNormalization}

@@ -1,0 +1,208 @@
+"""The one door for device-specific choices (ARCHITECTURE.md): which train step runs where.
+
+:func:`plan` takes the device (:func:`detect`: CPU with its ISA flags, GPU with its compute capability, TPU) and the
+recipe's ``train.jit_compile``, ``train.kernels`` and ``train.precision`` (each ``auto`` or a fixed value) and
+returns a :class:`Plan`: XLA or TensorFlow's graph, the convolution and BatchNorm *training* kernels, and the
+precision, each with the reason. The log's ``train step:`` line prints :meth:`Plan.describe`; ``summary.json`` keeps
+:meth:`Plan.as_dict`; :func:`apply_kernels` sets the backbone layers.
+
+What ``auto`` picks, and the measurement behind it (bench/NOTES.md):
+
+* **CPU** — XLA unless the CPU has AVX-512, where TensorFlow's graph with oneDNN kernels runs a ResNet-18 step 1.2×
+  faster (§5; on an AVX2 CPU XLA was 1.1× faster, §1). Training kernels are tfssl's tuned ones, per compile mode:
+  under XLA the closed-form BatchNorm gradient and 2 MB kernel-gradient chunks (§4, 1.18× per step), in the graph
+  FusedBatchNormV3 and 8 MB chunks (§5, 1.10× and 1.08×). Precision ``mixed_bfloat16`` where the CPU has bf16
+  arithmetic (``avx512_bf16`` or AMX: 1.54× per ReSSL step, §5b), float32 otherwise.
+* **GPU / TPU** — XLA (a TPU has no other mode), Keras's stock layers (cuDNN / XLA's own convolutions and batch
+  norm): tfssl's kernels were tuned on 2 CPU cores and never measured there. Precision: ``mixed_bfloat16`` on TPUs
+  and on GPUs of compute capability ≥ 8 (Ampere and newer: bf16 tensor cores, no loss scaling), ``mixed_float16``
+  on 7.x (Volta/Turing tensor cores; dynamic loss scaling), float32 on older GPUs.
+
+``train.kernels: stock`` forces Keras's layers everywhere; ``tuned`` forces tfssl's CPU kernels everywhere.
+``ONEDNN_MAX_CPU_ISA=AVX2`` (with ``XLA_FLAGS=--xla_cpu_max_isa=AVX2``) makes an AVX-512 CPU plan as the AVX2 CPU it
+then emulates. An exported backbone always holds stock layers, whatever the plan (:func:`tfssl.export.plain_backbone`).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Optional, Tuple
+
+import tensorflow as tf
+
+KERNEL_SETTINGS = ("auto", "stock", "tuned")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+CHUNK_BYTES = {True: 2 << 20, False: 8 << 20}      # conv kernel-gradient chunk under XLA / in TF's graph
+_ISA_ORDER = ("sse41", "avx", "avx2", "avx512_core", "avx512_core_vnni", "avx512_core_bf16", "avx512_core_amx")
+
+
+@dataclass(frozen=True)
+class Device:
+    """What the train step runs on. ``flags``: the CPU's ISA flags (/proc/cpuinfo), after any emulation cap;
+    ``compute_capability``: a GPU's (major, minor); ``emulated``: the ISA cap in effect (e.g. ``AVX2``), if any."""
+    kind: str                                    # cpu | gpu | tpu
+    flags: frozenset = frozenset()
+    compute_capability: Optional[Tuple[int, int]] = None
+    emulated: Optional[str] = None
+
+    @property
+    def cpu_kind(self) -> str:
+        """``avx512_bf16`` | ``avx512`` | ``avx2`` | ``generic`` (CPUs only)."""
+        if "avx512f" in self.flags:
+            return "avx512_bf16" if {"avx512_bf16", "amx_bf16"} & self.flags else "avx512"
+        return "avx2" if "avx2" in self.flags else "generic"
+
+    def describe(self) -> str:
+        if self.kind == "cpu":
+            return f"CPU {self.cpu_kind}" + (f" (emulated: ONEDNN_MAX_CPU_ISA={self.emulated})" if self.emulated else "")
+        if self.kind == "gpu":
+            return "GPU" + (f" sm_{self.compute_capability[0]}{self.compute_capability[1]}"
+                            if self.compute_capability else "")
+        return "TPU"
+
+
+def cpu_flags(path="/proc/cpuinfo") -> frozenset:
+    """The ISA flags of this (Linux) CPU; empty where /proc/cpuinfo cannot be read."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cap_flags(flags, isa):
+    """``flags`` as a CPU capped at ``isa`` (a ``ONEDNN_MAX_CPU_ISA`` value such as ``AVX2``) would report them."""
+    isa = (isa or "").strip().lower()
+    if isa not in _ISA_ORDER or isa == _ISA_ORDER[-1]:
+        return frozenset(flags)
+    level = _ISA_ORDER.index(isa)
+    drop = set()
+    if level < _ISA_ORDER.index("avx512_core"):
+        drop |= {f for f in flags if f.startswith(("avx512", "amx"))}
+    elif level < _ISA_ORDER.index("avx512_core_bf16"):
+        drop |= {"avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"}
+    if level < _ISA_ORDER.index("avx2"):
+        drop |= {"avx2", "fma"}
+    return frozenset(flags) - drop
+
+
+def detect(strategy=None, environ=None) -> Device:
+    """The device of the train step: TPU (a TPUStrategy or a visible TPU), else GPU, else this CPU."""
+    environ = os.environ if environ is None else environ
+    if isinstance(strategy, tf.distribute.TPUStrategy) or tf.config.list_logical_devices("TPU"):
+        return Device("tpu")
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        try:
+            cc = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability")
+        except Exception:                        # details are best effort
+            cc = None
+        return Device("gpu", compute_capability=tuple(cc) if cc else None)
+    cap = environ.get("ONEDNN_MAX_CPU_ISA")
+    flags = cpu_flags()
+    capped = cap_flags(flags, cap)
+    return Device("cpu", capped, emulated=cap.upper() if cap and capped != flags else None)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The train step's device choices; ``reasons`` maps each of jit / kernels / precision to why."""
+    device: str
+    jit: bool
+    conv: str                                    # stock | chunked
+    conv_chunk_bytes: Optional[int]              # kernel-gradient chunk of ``chunked``
+    batch_norm: str                              # stock | fused_v3 | closed_form
+    precision: str
+    reasons: Dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """The ``train step:`` log line."""
+        conv = "stock" if self.conv == "stock" else f"chunked kernel gradient ({self.conv_chunk_bytes >> 20} MB)"
+        return (f"{'XLA' if self.jit else 'TF graph, no XLA'} ({self.reasons['jit']}); conv {conv}, BatchNorm "
+                f"{self.batch_norm} ({self.reasons['kernels']}); {self.precision} ({self.reasons['precision']}) "
+                f"on {self.device}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _jit(device, setting, multi_worker):
+    if multi_worker and device.kind == "cpu":
+        return False, "multi-worker on CPU: XLA:CPU has no collectives"
+    if setting != "auto":
+        return bool(setting), "train.jit_compile"
+    if device.kind == "tpu":
+        return True, "auto: TPU"
+    if device.kind == "gpu":
+        return True, "auto: GPU"
+    if device.cpu_kind.startswith("avx512"):
+        return False, "auto: CPU with AVX-512, oneDNN graph (bench/NOTES.md §5)"
+    return True, "auto: CPU without AVX-512 (bench/NOTES.md §1)"
+
+
+def _kernels(device, setting, jit):
+    """(conv, chunk bytes, batch_norm, reason)."""
+    if setting not in KERNEL_SETTINGS:
+        raise ValueError(f"train.kernels={setting!r} is not one of {', '.join(KERNEL_SETTINGS)}")
+    tuned = ("chunked", CHUNK_BYTES[jit], "closed_form" if jit else "fused_v3")
+    if setting == "stock":
+        return "stock", None, "stock", "train.kernels=stock"
+    if setting == "tuned":
+        return (*tuned, "train.kernels=tuned")
+    if device.kind != "cpu":
+        return "stock", None, "stock", f"auto: {device.kind.upper()}, Keras's layers (tfssl's kernels are CPU-tuned)"
+    return (*tuned, f"auto: CPU {'XLA' if jit else 'graph'} kernels (bench/NOTES.md §{'4' if jit else '5'})")
+
+
+def _precision(device, setting):
+    if setting != "auto":
+        if setting not in PRECISIONS:
+            raise ValueError(f"train.precision={setting!r} is not one of auto, {', '.join(PRECISIONS)}")
+        return setting, "train.precision"
+    if device.kind == "tpu":
+        return "mixed_bfloat16", "auto: TPU (bf16 MXU)"
+    if device.kind == "gpu":
+        major = (device.compute_capability or (0, 0))[0]
+        if major >= 8:
+            return "mixed_bfloat16", "auto: GPU sm_80+ (bf16 tensor cores)"
+        if major == 7:
+            return "mixed_float16", "auto: GPU sm_7x (fp16 tensor cores, loss scaling)"
+        return "float32", "auto: GPU without tensor cores"
+    if device.cpu_kind == "avx512_bf16":
+        return "mixed_bfloat16", "auto: CPU with bf16 arithmetic (bench/NOTES.md §5b)"
+    return "float32", "auto: CPU without bf16 arithmetic"
+
+
+def plan(device: Device, jit_compile="auto", kernels="auto", precision="float32", multi_worker=False) -> Plan:
+    """The :class:`Plan` for ``device`` and the recipe's settings (see the module docstring for ``auto``)."""
+    jit, why_jit = _jit(device, jit_compile, multi_worker)
+    conv, chunk, bn, why_kernels = _kernels(device, kernels, jit)
+    prec, why_prec = _precision(device, precision)
+    return Plan(device.describe(), jit, conv, chunk, bn, prec,
+                {"jit": why_jit, "kernels": why_kernels, "precision": why_prec})
+
+
+def apply_kernels(model, the_plan: Plan) -> None:
+    """Set every tfssl BatchNorm and Conv2D layer of ``model`` to the plan's training kernels (takes effect at the
+    next trace; a method's ``make_train_function`` calls it)."""
+    from tfssl.backbones import ChunkedGradConv2D, FusedBatchNormalization
+    for layer in model._flatten_layers():
+        if isinstance(layer, FusedBatchNormalization):
+            layer.kernel = the_plan.batch_norm
+        elif isinstance(layer, ChunkedGradConv2D):
+            layer.chunk_bytes = the_plan.conv_chunk_bytes
+
+
+def first_unsupported_op(error) -> Optional[str]:
+    """The op an XLA compile error names (``… CropAndResize (No registered 'CropAndResize' OpKernel for XLA_…``)."""
+    text = str(error)
+    for pattern in (r"No registered '(\w+)' OpKernel for XLA", r"unsupported operations[^:]*:\s*(\w+)",
+                    r"(\w+) \(No registered"):
+        m = re.search(pattern, text)
+        if m:
+            return m.group(1)
+    return None
