@@ -14,5 +14,6 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   fi
 fi
 python -m pip install -q --disable-pip-version-check -r requirements.txt
+python -m pip install -q --disable-pip-version-check --no-deps -r requirements-test.txt
 python -m pip install -q --disable-pip-version-check --no-deps -e .
 echo "setup: done ($(python -c 'import tensorflow as tf, keras; print("TensorFlow", tf.__version__, "/ Keras", keras.__version__)' 2>/dev/null))"

@@ -21,6 +21,8 @@ from tfssl.backbones import SyncBatchNormalization, build_backbone
 from tfssl.export import ExportError, export_backbone, export_run, plain_backbone
 from tfssl.train import pretrain
 
+pytestmark = pytest.mark.xdist_group("export_run")   # its module fixture is built once, in one process
+
 RUN = ["data.limit=128", "data.test_limit=64", "train.epochs=1", "train.batch_size=32", "train.steps_per_epoch=2",
        "train.verbose=0", "train.jit_compile=false", "model.backbone=tiny", "model.projector_hidden=32",
        "model.projector_dim=16", "method.queue_size=64", "eval.knn_train_limit=128", "eval.knn_k=10"]

@@ -11,6 +11,8 @@ from tfssl.backbones import build_backbone
 from tfssl.eval import features as F
 from tfssl.export import export_backbone
 
+pytestmark = pytest.mark.xdist_group("features_export")   # its module fixture is built once, in one process
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):

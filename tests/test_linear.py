@@ -15,6 +15,8 @@ from tfssl.eval.knn import embed
 from tfssl.eval.linear import PRESETS, _StepSchedule, augmented_linear_probe, linear_probe, split_validation
 from tfssl.views import view
 
+pytestmark = pytest.mark.xdist_group("linear_features")   # its module fixture is built once, in one process
+
 
 def clusters(n, dim=32, k=10, seed=0):
     """k unit-variance Gaussian clusters around fixed centres ~34σ apart (separable with a wide margin); ``seed``

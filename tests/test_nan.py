@@ -55,7 +55,7 @@ def test_stop_names_the_step():
         _fit(model, [_batch(0), _batch(1, bad=[3]), _batch(2)], [callbacks.StopOnNonFinite()])
 
 
-@pytest.mark.parametrize("replicas", [1, 2])
+@pytest.mark.parametrize("replicas", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_skip_leaves_every_variable_as_it_was(replicas, mirrored):
     strategy = mirrored if replicas == 2 else None
     model = _build("skip", strategy)

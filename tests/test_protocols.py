@@ -15,6 +15,8 @@ from tfssl.eval.knn import embed, knn_report
 from tfssl.eval.linear import linear_probe
 from tfssl.train import pretrain
 
+pytestmark = pytest.mark.xdist_group("eval_run")   # its module fixture is built once, in one process
+
 QUICK = ["data.limit=256", "data.test_limit=128", "train.epochs=1", "train.batch_size=64", "train.verbose=0",
          "train.jit_compile=false", "model.projector_hidden=64", "eval.knn_train_limit=256", "method.queue_size=256"]
 
@@ -111,6 +113,7 @@ def test_linear_equals_library_probe_on_the_same_features(run):
     assert aug["settings"]["augmented"] and 0 <= aug["top1"] <= aug["top5"] <= 1
 
 
+@pytest.mark.slow
 def test_semi_fractions_and_cli_report(run, capsys):
     sets = ["--set", "eval.epochs=1", "--set", "eval.semi_fractions=[0.1]", "--set", "eval.semi_batch_size=32"]
     assert cli.main(["eval", "semi", "--workdir", run] + sets) == 0

@@ -70,6 +70,7 @@ def test_sigkill_mid_epoch_then_same_command_equals_uninterrupted(recipe, sets, 
         assert json.load(open(killed / "summary.json")) == sb
 
 
+@pytest.mark.slow
 def test_sigkill_control_a_different_seed_gives_different_weights(tmp_path):
     """The equality above is not vacuous: a run with another data seed ends elsewhere."""
     sets = ["method.queue_size=256", "train.epochs=1"]

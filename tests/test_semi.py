@@ -58,6 +58,7 @@ def test_prediction_entropy_matches_numpy():
     assert prediction_entropy(p)[0] == 0 and prediction_entropy(np.full((1, 4), 0.25))[0] == pytest.approx(np.log(4))
 
 
+@pytest.mark.slow
 def test_pseudo_label_round_filters_by_entropy():
     from tfssl.eval.semi import pseudo_label_finetune
     images, labels = _dataset(400)

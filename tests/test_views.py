@@ -349,6 +349,7 @@ def test_flip_and_colour_statistics_match_the_stateful_draws(fmnist_image):
     assert abs(flipped(stateful[0]).mean() - 0.5) < 0.04 and abs(flipped(stateless[0]).mean() - 0.5) < 0.04
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["fashion_mnist", "imagenet"])     # gray-only jitter; every op incl. hue, blur
 def test_every_recipe_compiles_with_xla_and_draws_the_tf_data_views(fmnist_image, preset):
     """Views under ``jit_compile=True`` equal the same views in a tf.data map from the same stateless seed (the

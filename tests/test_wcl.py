@@ -140,6 +140,7 @@ def test_wcl_heads_and_errors():
         methods.build(tiny_config("wcl", knn_crops=2, knn_crops_keep=3))
 
 
+@pytest.mark.slow
 def test_wcl_fit_logs_weak_label_metrics():
     keras.utils.set_random_seed(0)
     cfg = tiny_config("wcl", view_warmup_epochs=1, knn_crops=2, knn_crop_size=16, knn_crops_keep=1)

@@ -10,6 +10,8 @@ from tfssl import cli, zoo
 from tfssl.backbones import build_backbone
 from tfssl.export import export_backbone
 
+pytestmark = pytest.mark.xdist_group("zoo_export")   # its module fixture is built once, in one process
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):

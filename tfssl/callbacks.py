@@ -12,11 +12,12 @@ from tfssl.eval.knn import embed, knn_accuracy
 
 
 class Throughput(keras.callbacks.Callback):
-    """Measures training time only (put it first: later callbacks' evaluation time is not counted)."""
+    """Measures training time only (put it first: later callbacks' evaluation time is not counted). ``offset``: the
+    training seconds of earlier attempts of a resumed run; ``train_seconds`` in the logs counts them too."""
 
-    def __init__(self, batch_size):
+    def __init__(self, batch_size, offset=0.0):
         super().__init__()
-        self.batch_size, self.seconds, self.steps = batch_size, 0.0, 0
+        self.batch_size, self.seconds, self.steps, self.offset = batch_size, 0.0, 0, float(offset)
 
     def on_train_batch_end(self, batch, logs=None):
         self.steps += 1
@@ -30,23 +31,47 @@ class Throughput(keras.callbacks.Callback):
         if logs is not None:
             logs["images_per_second"] = self.images_per_second          # the run so far
             logs["epoch_images_per_second"] = (self.steps - self._steps0) * self.batch_size / max(seconds, 1e-9)
+            logs["train_seconds"] = self.total_seconds
 
     @property
     def images_per_second(self):
         return self.steps * self.batch_size / self.seconds if self.seconds else 0.0
+
+    @property
+    def total_seconds(self):
+        """Training seconds of the whole run, earlier attempts included."""
+        return self.offset + self.seconds
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """``train.max_minutes``: stop at the end of the epoch in which the run's training time (``timer``, a
+    :class:`Throughput`) reaches ``minutes``. The schedule keeps the recipe's epochs (its lr is then not annealed
+    to zero); ``stopped`` tells whether the budget ended the run."""
+
+    def __init__(self, minutes, timer, log=print):
+        super().__init__()
+        self.minutes, self.timer, self.log, self.stopped = float(minutes), timer, log, False
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.timer.total_seconds >= 60.0 * self.minutes:
+            self.log(f"train.max_minutes={self.minutes:g}: stopping after epoch {epoch + 1} "
+                     f"({self.timer.total_seconds / 60:.1f} training minutes)")
+            self.stopped = True
+            self.model.stop_training = True
 
 
 class KNNMonitor(keras.callbacks.Callback):
     """Weighted kNN (k, τ) of the backbone's features: bank = training images, queries = the held-out split.
 
     Runs every ``every`` epochs (0: only after the last) and adds ``knn_top1``/``knn_top5`` to the epoch logs, so
-    TensorBoard and the history record them.
+    TensorBoard and the history record them, with ``knn_epoch`` and (given the job's ``timer``) ``knn_train_seconds``
+    beside them: the points of the accuracy-against-training-time curve.
     """
 
-    def __init__(self, bank_ds, test_ds, num_classes, k=200, temperature=0.1, every=1, epochs=1):
+    def __init__(self, bank_ds, test_ds, num_classes, k=200, temperature=0.1, every=1, epochs=1, timer=None):
         super().__init__()
         self.bank_ds, self.test_ds, self.num_classes = bank_ds, test_ds, num_classes
-        self.k, self.temperature, self.every, self.epochs = k, temperature, every, epochs
+        self.k, self.temperature, self.every, self.epochs, self.timer = k, temperature, every, epochs, timer
         self.last = {}
 
     def evaluate(self):
@@ -58,10 +83,13 @@ class KNNMonitor(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         final = epoch + 1 == self.epochs
-        if final or (self.every and (epoch + 1) % self.every == 0):
+        stopping = self.model is not None and getattr(self.model, "stop_training", False)
+        if final or stopping or (self.every and (epoch + 1) % self.every == 0):
             result = self.evaluate()
             if logs is not None:
-                logs["knn_top1"], logs["knn_top5"] = result["top1"], result["top5"]
+                logs["knn_top1"], logs["knn_top5"], logs["knn_epoch"] = result["top1"], result["top5"], epoch + 1
+                if self.timer is not None:
+                    logs["knn_train_seconds"] = self.timer.total_seconds
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):

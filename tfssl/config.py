@@ -52,9 +52,13 @@ class AugmentConfig:
     preset: str = "fashion_mnist"       # fashion_mnist | cifar | stl10 | imagenet
     size: int = 32                      # output size of the large crops
     on_device: bool = False             # run the views inside train_step instead of the tf.data pipeline
+    crop_scale: Optional[List[float]] = None   # area range of the large views' RandomResizedCrop (None: the
+    #                                            recipe's, (0.2, 1) or SimCLR's (0.08, 1))
     small_crops: int = 0                # multi-crop: number of small student crops
     small_size: int = 16
     small_scale: List[float] = field(default_factory=lambda: [0.05, 0.14])
+    extra: List[Any] = field(default_factory=list)   # Keras core / keras-cv layers appended to the views:
+    #                                                  [{layer: keras_cv.layers.RandAugment, args: {...}, recipes: [strong]}]
 
 
 @dataclass
@@ -77,6 +81,7 @@ class TrainConfig:
     deterministic: bool = False             # TensorFlow's deterministic ops (bit-identical reruns; slower)
     on_nan: str = "stop"                    # non-finite loss: stop (keep the last good backup) | skip the update
     knn_every: int = 1                      # run the kNN monitor every N epochs (0 = only at the end)
+    max_minutes: Optional[float] = None     # stop after this many training minutes (the schedule keeps epochs)
     verbose: int = 1
 
 
@@ -129,6 +134,16 @@ CHOICES = {
     ("distribute", "strategy"): ["default", "mirrored", "multi_worker", "tpu"],
     ("eval", "linear_preset"): ["small", "moco", "simclr"],
 }
+
+# method.name → its parameter dataclass. tfssl.methods fills it (register_method) when it is imported, which
+# `import tfssl` does; config never imports the methods (no import cycle).
+METHOD_PARAMS: Dict[str, type] = {}
+
+
+def register_method(name: str, params_cls) -> None:
+    """Make ``method.name=name`` valid, its keys checked against the dataclass ``params_cls``."""
+    METHOD_PARAMS[name] = params_cls
+
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig, "train": TrainConfig,
             "eval": EvalConfig, "export": ExportConfig, "distribute": DistributeConfig}
@@ -199,22 +214,29 @@ def _build(section: str, cls, values: Dict[str, Any], source: str):
     return cls(**kwargs)
 
 
+def build_section(section: str, values: Dict[str, Any], source: str = "<config>"):
+    """One validated section: ``model``, ``data``, … → its dataclass; ``method`` (with ``name``) → the method's
+    parameter dataclass."""
+    if section == "method":
+        values = dict(values or {})
+        name = values.pop("name", None)
+        if name not in METHOD_PARAMS:
+            raise ConfigError(f"{source}: method.name={name!r} is not one of {', '.join(sorted(METHOD_PARAMS))}")
+        return _build("method", METHOD_PARAMS[name], values, source)
+    if section not in SECTIONS:
+        raise ConfigError(f"{source}: unknown section '{section}'; valid: method, {', '.join(SECTIONS)}")
+    return _build(section, SECTIONS[section], values or {}, source)
+
+
 def from_dict(raw: Dict[str, Any], source: str = "<config>") -> Config:
     """Validate a nested dict (a parsed recipe) into a :class:`Config`."""
-    from tfssl.methods import METHODS  # method parameter dataclasses live beside their methods
-
     raw = dict(raw or {})
     valid = ["method"] + list(SECTIONS)
     for key in raw:
         if key not in valid:
             raise ConfigError(f"{source}: unknown section '{key}'{_suggest(key, valid)}; valid: {', '.join(valid)}")
-    method = dict(raw.get("method") or {})
-    name = method.pop("name", None)
-    if name not in METHODS:
-        raise ConfigError(f"{source}: method.name={name!r} is not one of {', '.join(sorted(METHODS))}")
-    params = _build("method", METHODS[name].Params, method, source)
-    cfg = Config(method=params, **{s: _build(s, cls, raw.get(s) or {}, source) for s, cls in SECTIONS.items()})
-    return cfg
+    params = build_section("method", raw.get("method"), source)
+    return Config(method=params, **{s: _build(s, cls, raw.get(s) or {}, source) for s, cls in SECTIONS.items()})
 
 
 def _parse_scalar(text: str) -> Any:

@@ -4,10 +4,13 @@
 failure (bad target, converter error, parity above 1e-4) leaves nothing behind. ``out_dir`` holds:
 
 * ``saved_model/``: signatures ``serving_default`` (uint8 images [N, H, W, C] in 0..255) and ``serve_float``
-  (float32 in [0, 1]) → ``{"features": [N, D]}``; for reuse (TF Hub's Reusable SavedModel API) ``obj(images,
-  training=False)`` on float images with ``obj.variables`` / ``trainable_variables`` / ``regularization_losses``, and
-  ``obj.features`` / ``obj.features_train`` for ``keras.layers.TFSMLayer(path, call_endpoint="features",
-  call_training_endpoint="features_train")``. Training mode updates the BatchNorm moving statistics.
+  (float32 in [0, 1]) → ``{"features": [N, D]}``; ``serve`` (float32 in [0, 1] → features [N, D]), the endpoint
+  Keras 3's ``TFSMLayer(path)`` calls by default, and ``serve_train``, its training mode (BatchNorm on batch
+  statistics, moving statistics updated: ``TFSMLayer(path, call_training_endpoint="serve_train",
+  trainable=True)`` fine-tunes like the ``.keras`` backbone); for reuse (TF Hub's Reusable SavedModel API, e.g.
+  ``hub.KerasLayer(path, trainable=True)``) ``obj(images, training=…)`` on float images with ``obj.variables`` /
+  ``trainable_variables`` / ``regularization_losses``; ``features`` / ``features_train`` are aliases of
+  ``serve`` / ``serve_train``.
 * ``backbone.onnx`` (tf2onnx): ``images`` float32 [batch, height, width, C] in [0, 1] → ``features``.
 * ``backbone.keras``: stock Keras layers only, loads with ``keras.saving.load_model(path)``.
 * ``model_card.json`` and ``README.md``: summary.json facts, input spec, parity, sizes and SHA-256 of every file.
@@ -78,6 +81,7 @@ class _Reusable(tf.Module):
         f32, u8 = (tf.TensorSpec([None, None, None, channels], d, name="images") for d in (tf.float32, tf.uint8))
         self.features = tf.function(lambda images: model(images, training=False), input_signature=[f32])
         self.features_train = tf.function(lambda images: model(images, training=True), input_signature=[f32])
+        self.serve, self.serve_train = self.features, self.features_train      # Keras 3 TFSMLayer's names
         self.serve_float = tf.function(lambda images: {"features": self.features(images)}, input_signature=[f32])
         self.serve_uint8 = tf.function(
             lambda images: {"features": self.features(tf.cast(images, tf.float32) / 255.0)}, input_signature=[u8])
@@ -190,10 +194,13 @@ def _readme(card):
         "", "Parity against the Keras backbone (max |Δ|, max |Δ| / max |features|):",
         *[f"- {k}: {v['max_abs']:.1e}, {v['max_rel']:.1e}" for k, v in card["parity"].items()],
         "", "All hashes (saved_model/ too) are in model_card.json. Use:", "```python",
-        'tf.saved_model.load("saved_model").signatures["serving_default"](images=uint8_images)["features"]',
-        'keras.layers.TFSMLayer("saved_model", call_endpoint="features", call_training_endpoint="features_train")',
-        'keras.saving.load_model("backbone.keras")',
-        'onnxruntime.InferenceSession("backbone.onnx").run(["features"], {"images": float32_images})[0]', "```", ""])
+        "import keras, tensorflow as tf, onnxruntime",
+        'features = keras.saving.load_model("backbone.keras")(float_images)          # Keras 3: fine-tune it too',
+        'features = keras.layers.TFSMLayer("saved_model")(float_images)              # the `serve` endpoint',
+        'tunable = keras.layers.TFSMLayer("saved_model", call_training_endpoint="serve_train", trainable=True)',
+        'features = tf.saved_model.load("saved_model").signatures["serving_default"](images=uint8_images)["features"]',
+        'features = onnxruntime.InferenceSession("backbone.onnx").run(["features"], {"images": float_images})[0]',
+        "```", ""])
 
 
 def _target(out_dir, overwrite):

@@ -114,24 +114,30 @@ def _fit(cfg, workdir, log, strategy, source, steps, total, views, backup_dir, c
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         batches = batches.with_options(options)
 
-    timer = callbacks.Throughput(cfg.train.batch_size)
-    cbs = [callbacks.EpochVariable(epoch), timer, callbacks.StopOnNonFinite(cfg.train.on_nan == "skip", log)]
-    cbs += model.job_callbacks(source, cfg, log)
     host_variables, job_state = model.job_state()
     backup = resume.Backup(backup_dir, cfg.to_dict(), host_variables, job_state, write=chief, log=log)
     initial_epoch, records = backup.restore(model) if cfg.train.resume else (0, {})
     model.load_job_state(records)
+    spent = (backup.history.get("train_seconds") or [0.0])[-1]      # training time of earlier attempts
     done = os.path.join(workdir, "summary.json")
-    if initial_epoch >= cfg.train.epochs and os.path.exists(done):
-        log(f"resume: all {cfg.train.epochs} epochs of this run are done; summary.json is unchanged")
+    budget_spent = cfg.train.max_minutes is not None and spent >= 60.0 * cfg.train.max_minutes
+    if (initial_epoch >= cfg.train.epochs or budget_spent) and os.path.exists(done):
+        log(f"resume: all {cfg.train.epochs} epochs of this run are done; summary.json is unchanged" if not
+            budget_spent else f"resume: train.max_minutes={cfg.train.max_minutes:g} was reached; summary.json is "
+            f"unchanged")
         with open(done) as f:
             return json.load(f)
+    timer = callbacks.Throughput(cfg.train.batch_size, offset=spent)
+    cbs = [callbacks.EpochVariable(epoch), timer, callbacks.StopOnNonFinite(cfg.train.on_nan == "skip", log)]
+    if cfg.train.max_minutes is not None:
+        cbs.append(callbacks.TimeBudget(cfg.train.max_minutes, timer, log))
+    cbs += model.job_callbacks(source, cfg, log)
     knn = None
     if source.test is not None and source.num_classes:
         bank = source.train.take(cfg.eval.knn_train_limit) if cfg.eval.knn_train_limit else source.train
         knn = callbacks.KNNMonitor(data.eval_pipeline(bank, 256), data.eval_pipeline(source.test, 256),
                                    source.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature,
-                                   cfg.train.knn_every, cfg.train.epochs)
+                                   cfg.train.knn_every, cfg.train.epochs, timer=timer)
         cbs.append(knn)
     if source.test is not None:   # collapse monitors (emb_std, emb_effective_rank, …); before TensorBoard
         cbs.append(CollapseMonitor(data.eval_pipeline(source.test, 256), every=cfg.train.knn_every, batches=8,
@@ -155,7 +161,8 @@ def _fit(cfg, workdir, log, strategy, source, steps, total, views, backup_dir, c
     summary = update_summary(
         workdir, method=type(cfg.method).method_name, dataset=source.name, backbone=cfg.model.backbone,
         strategy=distribute.strategy_name(strategy), replicas=replicas, epochs=cfg.train.epochs, steps=total,
-        steps_per_epoch=steps, batch_size=cfg.train.batch_size, num_train=source.num_train,
+        steps_per_epoch=steps, epochs_done=len(history.get("loss", [])), train_seconds=timer.total_seconds,
+        batch_size=cfg.train.batch_size, num_train=source.num_train,
         skipped_corrupt=source.skipped_corrupt, images_per_second=timer.images_per_second, wall_seconds=wall,
         knn_top1=figures.get("knn_top1"), knn_top5=figures.get("knn_top5"), probe_top1=figures.get("probe_top1"),
         probe_train_top1=figures.get("probe_acc"), final_loss=figures.get("loss"),

@@ -338,28 +338,36 @@ class Views(keras.layers.Layer):
     View schedule: with ``warmup_recipes`` and ``warmup_steps > 0`` the large views use ``warmup_recipes`` while the
     training step (``call(images, step=…)``) is below ``warmup_steps`` and ``recipes`` afterwards (WCL: MoCo-v2
     strength for 10 epochs, then SimCLR strength). ``step=None`` means "after warm-up". Small crops always use
-    ``recipes[0]``. ``extra``: ``augment.extra`` entries (Keras core / keras-cv layers) appended to the views.
+    ``recipes[0]``. ``extra``: ``augment.extra`` entries (Keras core / keras-cv layers) appended to the views;
+    ``crop_scale``: the large views' crop area range instead of each recipe's default.
     """
 
     def __init__(self, recipes=("strong", "strong"), preset="cifar", size=32, small_crops=0, small_size=16,
                  small_scale=(0.05, 0.14), small_sizes=None, small_scales=None, warmup_recipes=None,
-                 warmup_steps=0, extra=(), **kw):
+                 warmup_steps=0, extra=(), crop_scale=None, **kw):
         super().__init__(**kw)
         self._args = dict(recipes=list(recipes), preset=preset, size=size, small_crops=small_crops,
                           small_size=small_size, small_scale=list(small_scale),
                           small_sizes=list(small_sizes) if small_sizes else None,
                           small_scales=[list(s) for s in small_scales] if small_scales else None,
                           warmup_recipes=list(warmup_recipes) if warmup_recipes else None,
-                          warmup_steps=int(warmup_steps), extra=[dict(e) for e in extra or ()])
-        extra = self._args["extra"]
-        self.large = [view(r, preset, size, extra=extra) for r in recipes]
+                          warmup_steps=int(warmup_steps), extra=[dict(e) for e in extra or ()],
+                          crop_scale=list(crop_scale) if crop_scale else None)
+        extra, scale = self._args["extra"], tuple(crop_scale) if crop_scale else None
+        self.large = [view(r, preset, size, scale=scale, extra=extra) for r in recipes]
         self.warmup_steps = int(warmup_steps) if warmup_recipes else 0
         if self.warmup_steps and len(warmup_recipes) != len(recipes):
             raise ValueError(f"warmup_recipes {tuple(warmup_recipes)} must have as many views as {tuple(recipes)}")
-        self.warmup = [view(r, preset, size, extra=extra) for r in warmup_recipes] if self.warmup_steps else []
+        self.warmup = [view(r, preset, size, scale=scale, extra=extra) for r in warmup_recipes] \
+            if self.warmup_steps else []
         sizes = list(small_sizes) if small_sizes else [small_size] * small_crops
         scales = list(small_scales) if small_scales else [tuple(small_scale)] * len(sizes)
         self.small = [view(recipes[0], preset, s, scale=tuple(sc), extra=extra) for s, sc in zip(sizes, scales)]
+
+    def build(self, input_shape):
+        for v in self.large + self.warmup + self.small:        # the view layers hold no weights of their own
+            v.build(input_shape)
+        self.built = True
 
     @property
     def count(self):
@@ -395,4 +403,4 @@ def from_config(augment_cfg, recipes, small_sizes=None, small_scales=None, warmu
     return Views(recipes, augment_cfg.preset, augment_cfg.size, augment_cfg.small_crops, augment_cfg.small_size,
                  augment_cfg.small_scale, small_sizes=small_sizes, small_scales=small_scales,
                  warmup_recipes=warmup_recipes, warmup_steps=warmup_steps,
-                 extra=getattr(augment_cfg, "extra", None) or ())
+                 extra=getattr(augment_cfg, "extra", None) or (), crop_scale=augment_cfg.crop_scale)

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from tfssl import data, devices, distribute, pipeline, rng
 from tfssl.backbones import build_backbone, build_mlp, feature_dim
+from tfssl.methods.keras_native import KerasNative
 from tfssl.optim import SGD, SkipNonFinite
 
 
@@ -30,7 +31,7 @@ def normalize(x):
     return tf.math.l2_normalize(tf.cast(x, tf.float32), axis=1)
 
 
-class SSLMethod(distribute.MultiWorkerFit, keras.Model):
+class SSLMethod(KerasNative, distribute.MultiWorkerFit, keras.Model):
     """Shared machinery of a self-supervised method; subclasses implement :meth:`student_loss`."""
 
     method_name = "base"

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, List
 
 import numpy as np
+import keras
 import tensorflow as tf
 
 from tfssl import config, data, pipeline
@@ -44,6 +45,7 @@ class CsMlParams:
     mine_bank_chunk: int = 65536
 
 
+@keras.saving.register_keras_serializable(package="tfssl")
 class CsMl(SSLMethod):
     """CsMl: cross-sample positives (mined neighbours + CutMix) on MoCo v2, at stage 4 and optionally stage 3."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import keras
 import tensorflow as tf
 
 from tfssl.losses import info_nce_terms
@@ -24,6 +25,7 @@ class MoCoV2Params:
     symmetric: bool = False
 
 
+@keras.saving.register_keras_serializable(package="tfssl")
 class MoCoV2(SSLMethod):
     """MoCo v2: query from the student on view 1, key from the teacher on view 2, negatives from the queue."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, List
 
+import keras
 import tensorflow as tf
 
 from tfssl.losses import ressl_terms
@@ -28,6 +29,7 @@ class ReSSLParams:
     crop_sizes: List[int] = field(default_factory=list)   # extra student crops, e.g. [192, 160, 128, 96]
 
 
+@keras.saving.register_keras_serializable(package="tfssl")
 class ReSSL(SSLMethod):
     """ReSSL: weak view → teacher, strong view(s) → student, relation loss on a queue of teacher keys."""
 

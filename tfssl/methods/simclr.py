@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import keras
 import tensorflow as tf
 
 from tfssl import distribute
@@ -21,6 +22,7 @@ class SimCLRParams:
     temperature: float = 0.5
 
 
+@keras.saving.register_keras_serializable(package="tfssl")
 class SimCLR(SSLMethod):
     """SimCLR: two SimCLR-strength views, both with gradient, no teacher, no queue."""
 

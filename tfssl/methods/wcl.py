@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, List, Optional
 
+import keras
 import tensorflow as tf
 
 from tfssl import distribute
@@ -43,6 +44,7 @@ class WCLParams:
     knn_crop_weight: float = 1.0
 
 
+@keras.saving.register_keras_serializable(package="tfssl")
 class WCL(SSLMethod):
     """WCL: instance head (NT-Xent) + graph head (weak-label supervised contrastive), optional KNN multi-crop."""
 
