@@ -429,3 +429,135 @@ def test_eval_pipeline_range_on_fashion_mnist():
     x = x.numpy()
     assert x.dtype == np.float32 and x.shape == (64, 32, 32, 3)
     assert x.min() >= 0.0 and x.max() <= 1.0 and x.max() > 0.9 and x.min() == 0.0
+
+
+# ---------------------------------------------------------------------------- TFDS splits (STL-10, issue #21)
+
+STL_SPLITS = {"train": 10, "test": 6, "unlabelled": 20}
+
+
+@pytest.fixture
+def mock_stl10(tmp_path):
+    """STL-10 mocked with its real split names and per-split sizes (train 10, test 6, unlabelled 20; unlabelled
+    images have label −1 as in TFDS): nothing is downloaded."""
+    import tensorflow_datasets as tfds
+    data_dir = str(tmp_path / "tfds")
+
+    def as_dataset(self, split, **kw):
+        parts = []
+        for name in str(split).split("+"):
+            n = STL_SPLITS[name.strip()]
+            rng = np.random.default_rng(n)
+            labels = np.full(n, -1, np.int64) if name.strip() == "unlabelled" else rng.integers(0, 10, n)
+            parts.append(tf.data.Dataset.from_tensor_slices(
+                {"image": rng.integers(0, 255, (n, 96, 96, 3)).astype("uint8"), "label": labels}))
+        ds = parts[0]
+        for p in parts[1:]:
+            ds = ds.concatenate(p)
+        return ds
+
+    with tfds.testing.mock_data(as_dataset_fn=as_dataset, data_dir=data_dir):
+        builder = tfds.builder("stl10", data_dir=data_dir)
+        builder.info.set_splits(tfds.core.SplitDict([
+            tfds.core.SplitInfo(name=k, shard_lengths=[v], num_bytes=0, filename_template=None)
+            for k, v in STL_SPLITS.items()]))
+        os.makedirs(builder.data_dir, exist_ok=True)
+        builder.info.write_to_directory(builder.data_dir)
+        yield data_dir
+
+
+def test_stl10_pretrains_on_train_plus_unlabelled_and_evaluates_on_train(mock_stl10):
+    from tfssl import config
+    cfg = config.load("ressl_stl10", [f"data.data_dir={mock_stl10}"])
+    src = data.load_source(cfg.data)
+    assert (src.num_train, src.num_test, src.num_classes) == (30, 6, 10) and not src.originals
+    pretraining, labelled = _elements(src.train), _elements(src.labelled)
+    assert len(pretraining) == 30 and sum(e["label"] < 0 for e in pretraining) == 20
+    assert len(labelled) == 10 and all(e["label"] >= 0 for e in labelled)
+    assert pretraining[0]["image"].shape == (96, 96, 3)            # native 96 px: the 64-px views crop these
+    plain = data.load_source(DataConfig(name="tfds:stl10", data_dir=mock_stl10, image_size=96))
+    assert plain.num_train == 10 and plain.labelled is plain.train  # default: train only, as before
+    with pytest.raises(DataError, match="unlabelled"):
+        data.load_source(DataConfig(name="tfds:stl10", data_dir=mock_stl10, pretrain_split="train+unlabeled"))
+
+
+# ------------------------------------------------------------------ crops of the originals (image folders, #21)
+
+def _coordinate_image(h, w):
+    """uint8 [h, w, 3]: channel 0 = column / (w − 1), channel 1 = row / (h − 1) (×255), channel 2 = 128."""
+    x = np.broadcast_to(np.linspace(0, 255, w)[None, :], (h, w))
+    y = np.broadcast_to(np.linspace(0, 255, h)[:, None], (h, w))
+    return np.stack([x, y, np.full((h, w), 128.0)], -1).round().astype(np.uint8)
+
+
+def _expected_boxes(h, w, n, scale, ratio=(3 / 4, 4 / 3), seed=0):
+    """numpy reference of RandomResizedCrop's box on an h×w original (area, aspect, whole pixels, clipped)."""
+    rng = np.random.default_rng(seed)
+    area = h * w * rng.uniform(*scale, n)
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), n))
+    bh = np.clip(np.round(np.sqrt(area / aspect)), 1, h)
+    bw = np.clip(np.round(np.sqrt(area * aspect)), 1, w)
+    return bh, bw
+
+
+def test_folder_crops_keep_the_original_aspect(tmp_path):
+    """Views of an image folder crop the original (any size): over 4096 crops of a 90×270 image, the boxes' pixel
+    aspect and area have RandomResizedCrop's statistics on the original, not on a squashed square."""
+    from tfssl import views as V
+    image = tf.constant(_coordinate_image(90, 270))
+    n, scale = 4096, (0.2, 1.0)
+    crop = lambda s: V.crop_original(image, 16, scale, (3 / 4, 4 / 3), s)          # noqa: E731
+    seeds = tf.stack([tf.zeros(n, tf.int64), tf.range(n, dtype=tf.int64)], 1)
+    out = tf.map_fn(crop, seeds, fn_output_signature=tf.TensorSpec([16, 16, 3], tf.float32)).numpy()
+    assert out.shape == (n, 16, 16, 3) and out.min() >= 0 and out.max() <= 1
+    # the box in pixels of the original, read off the coordinate channels (centres of the first/last output pixels)
+    width = (out[:, 0, -1, 0] - out[:, 0, 0, 0]) * 269 * 16 / 15
+    height = (out[:, -1, 0, 1] - out[:, 0, 0, 1]) * 89 * 16 / 15
+    ref_h, ref_w = _expected_boxes(90, 270, n, scale)
+    for name, got, want in (("log aspect", np.log(width / height), np.log(ref_w / ref_h)),
+                            ("area fraction", width * height / (90 * 270), ref_w * ref_h / (90 * 270))):
+        se = np.sqrt(got.var() / n + want.var() / n)
+        assert abs(got.mean() - want.mean()) < 4 * se + 0.02, (name, got.mean(), want.mean())
+        assert abs(got.std() - want.std()) < 0.1 * want.std() + 0.02, (name, got.std(), want.std())
+    # a crop of the squashed square (the former pipeline) would see boxes 3× wider in original pixels
+    assert abs(np.log(width / height).mean() - np.log(3.0)) > 0.5
+
+
+def test_evaluation_view_is_the_centre_crop_of_the_short_side_resize(tmp_path):
+    image = _coordinate_image(200, 300)                              # 300 wide, 200 high
+    got = data.eval_view(tf.constant(image), 32, 28, 3).numpy()
+    resized = tf.image.resize(image, (32, 48), antialias=True).numpy()    # short side 200 → 32, aspect kept
+    want = np.clip(np.round(resized), 0, 255).astype(np.uint8)[2:30, 10:38]
+    assert got.shape == (28, 28, 3)
+    np.testing.assert_array_equal(got, want)
+    folder = tmp_path / "imgs" / "a"
+    folder.mkdir(parents=True)
+    Image.fromarray(image).save(folder / "x.png")
+    Image.fromarray(_coordinate_image(64, 40)).save(folder / "y.png")
+    src = data.load_source(DataConfig(name="folder", path=str(tmp_path / "imgs"), image_size=32, crop_size=28))
+    assert src.originals and src.lookup_original is not None
+    first = _elements(src.train)[0]["image"]
+    np.testing.assert_array_equal(first, want)                      # the protocols see the evaluation view
+    assert tuple(src.lookup_original(tf.constant(1, tf.int64))["image"].shape) == (64, 40, 3)
+    squashed = data.load_source(DataConfig(name="folder", path=str(tmp_path / "imgs"), image_size=32,
+                                           originals=False))
+    assert not squashed.originals and _elements(squashed.train)[0]["image"].shape == (32, 32, 3)
+
+
+def test_originals_pipeline_is_seeded_and_batches_fixed_size_views(tmp_path):
+    from tfssl import views as V
+    folder = tmp_path / "imgs" / "a"
+    folder.mkdir(parents=True)
+    for i, (h, w) in enumerate([(40, 90), (70, 50), (33, 33), (120, 60)] * 2):
+        Image.fromarray(_coordinate_image(h, w)).save(folder / f"{i}.png")
+    src = data.load_source(DataConfig(name="folder", path=str(tmp_path / "imgs"), image_size=24))
+    views = V.Views(("strong", "weak"), "imagenet", 24, small_crops=1, small_size=12)
+    make = lambda: list(pipeline.epoch_pipeline(src, 4, 2, None, views, seed=3).take(2).as_numpy_iterator())  # noqa
+    a, b = make(), make()
+    assert [v.shape for v in a[0]["views"]] == [(4, 24, 24, 3), (4, 24, 24, 3), (4, 12, 12, 3)]
+    for x, y in zip(a, b):                                         # the same batches and views again: exact resume
+        for u, v in zip(x["views"], y["views"]):
+            np.testing.assert_array_equal(u, v)
+    assert not np.array_equal(a[0]["views"][0], a[1]["views"][0])
+    with pytest.raises(DataError, match="augment.on_device=false"):
+        pipeline.epoch_pipeline(src, 4, 2, None, None, seed=3)

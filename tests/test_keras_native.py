@@ -203,7 +203,7 @@ def test_tfsm_layer_defaults_and_fine_tuning_update_batch_norm(exported):
 def test_hub_keras_layer_in_tf_keras_infers_fine_tunes_and_reloads(exported, tmp_path):
     """TF Hub's reusable-SavedModel path in tf_keras (Keras 2): inference parity, one fine-tuning step that changes
     every variable and the BatchNorm statistics, and a saved model that reloads with the same outputs."""
-    hub = pytest.importorskip("tensorflow_hub")    # a test dependency (requirements.txt); never skipped in CI
+    import tensorflow_hub as hub                   # test dependencies: requirements-test.txt (scripts/setup.sh)
     import tf_keras
     backbone, out, x = exported
     layer = hub.KerasLayer(os.path.join(out, "saved_model"), trainable=True)

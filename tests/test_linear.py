@@ -66,6 +66,62 @@ def test_presets_follow_the_papers():
     json.dumps(res)                                                 # goes into summary.json as is
 
 
+OFFICIAL = {   # preset: (lr after scaling, nesterov, wd, schedule, epochs, batch, crop scale) of the official code
+    "ressl": (0.3, False, 0.0, "cosine", 100, 256, (0.08, 1.0)),          # ReSSL linear_eval.py:46-64
+    "ressl_small": (0.2, True, 0.0, "cosine", 100, 256, (0.08, 1.0)),     # small-data linear_eval.py:50-101
+    "wcl": (3.2, True, 0.0, "cosine", 80, 4096, (0.08, 1.0)),             # WCL linear_eval.py:41-62
+    "moco": (30.0, False, 0.0, "steps", 100, 256, (0.08, 1.0)),           # MoCo / CsMl main_lincls.py:54-62
+    "csml": (30.0, False, 0.0, "steps", 100, 256, (0.08, 1.0)),
+}
+
+
+@pytest.mark.parametrize("preset", list(OFFICIAL))
+def test_paper_presets_have_the_official_settings_and_augmentation(preset, monkeypatch):
+    from tfssl.eval import linear, protocols
+    s = linear.settings(preset)
+    assert (s["learning_rate"], s["nesterov"], s["weight_decay"], s["schedule"], s["epochs"], s["batch_size"],
+            s["crop_scale"]) == OFFICIAL[preset]
+    assert s["augment"] and not s["standardize"] and not PRESETS["small"]["augment"]
+    if preset in ("moco", "csml"):
+        assert tuple(s["milestones"]) == (0.6, 0.8)
+    # run_linear takes the augmented path with the preset's crop (RandomResizedCrop 0.08–1 + flip)
+    calls = {}
+
+    def fake(backbone, train_ds, test_ds, num_classes, **kw):
+        calls.update(kw)
+        return {"top1": 0.0}
+    monkeypatch.setattr(linear, "augmented_linear_probe", fake)
+    subject = type("S", (), {"cfg": type("C", (), {"eval": type("E", (), dict(
+        linear_preset=preset, linear_augment=None, epochs=None, val_fraction=0.1, seed=0, batch_size=8))(),
+        "augment": type("A", (), dict(preset="cifar", size=32))()})(),
+        "source": type("D", (), dict(labelled=tf.data.Dataset.from_tensors({"image": tf.zeros([32, 32, 3], tf.uint8),
+                                                                              "label": 0}),
+                                     test=None, num_classes=10))(),
+        "keras_model": object(), "backbone": None, "origin": "x"})()
+    subject.source.test = subject.source.labelled
+    protocols.run_linear(subject)
+    assert calls["preset"] == preset
+    views = linear._settings(preset, {})
+    assert views["crop_scale"] == (0.08, 1.0)
+
+
+def test_augmented_probe_crops_with_the_preset_scale(monkeypatch):
+    """The default view of the augmented probe is RandomResizedCrop with the preset's scale + flip."""
+    import keras
+    from tfssl import views as V
+    seen, real = {}, V.view
+
+    def spy(recipe, preset="cifar", size=32, scale=None, **kw):
+        seen.update(recipe=recipe, scale=scale)
+        return real(recipe, preset, size, scale=scale, **kw)
+    monkeypatch.setattr(V, "view", spy)
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten()])
+    images = np.random.default_rng(0).uniform(0, 1, (20, 8, 8, 3)).astype("float32")
+    ds = tf.data.Dataset.from_tensor_slices((images, np.arange(20) % 2)).batch(10)
+    augmented_linear_probe(model, ds, None, 2, preset="ressl", epochs=1, batch_size=10)
+    assert seen == {"recipe": "weak", "scale": (0.08, 1.0)}
+
+
 def test_step_schedule_drops_by_ten_at_the_milestone_epochs():
     """100 epochs × 10 steps, milestones (0.6, 0.8): lr 30 through step 599, 3 from step 600 (first step of epoch
     61), 0.3 from step 800."""
@@ -200,7 +256,7 @@ def test_bad_inputs_raise_one_clear_value_error():
         linear_probe(x, np.where(y == 0, 10, y), x, y, 10)
     with pytest.raises(ValueError, match=r"test labels must be in \[0, 10\).*\[-1\]"):
         linear_probe(x, y, x, np.where(y == 3, -1, y), 10)
-    with pytest.raises(ValueError, match="unknown linear-probe preset 'byol'; valid: moco, simclr, small"):
+    with pytest.raises(ValueError, match="unknown linear-probe preset 'byol'; valid: ressl, ressl_small, wcl, moco, simclr, small"):
         linear_probe(x, y, x, y, 10, "byol")
     with pytest.raises(ValueError, match="unknown linear-probe schedule"):
         linear_probe(x, y, x, y, 10, schedule="poly")

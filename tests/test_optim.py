@@ -66,8 +66,11 @@ def _random_problem(seed, shapes=SHAPES, steps=5):
     return params, grads
 
 
-def _run(optimizer, params, grads_per_step):
-    variables = [keras.Variable(p, dtype="float32") for p in params]
+def _run(optimizer, params, grads_per_step, names=None):
+    """Apply the steps; variables of rank ≤ 1 are named like biases (the references leave them undecayed), or
+    ``names`` gives each its name (the weight-decay scope goes by name: gamma, beta, bias)."""
+    names = names or ["bias" if np.ndim(p) <= 1 else "kernel" for p in params]
+    variables = [keras.Variable(p, dtype="float32", name=n) for p, n in zip(params, names)]
     for grads in grads_per_step:
         optimizer.apply_gradients([(tf.constant(g), v) for g, v in zip(grads, variables)])
     return [v.numpy() for v in variables]
@@ -111,6 +114,37 @@ def test_sgd_weight_decay_skips_rank_le_1_and_applies_to_rank_gt_1():
         theta = theta - 0.1 * v
     np.testing.assert_allclose(got[0], theta, rtol=RTOL, atol=ATOL)
     assert not np.allclose(got[0], params[0])
+
+
+@pytest.mark.parametrize("exclude,decayed", [(("bn", "bias"), ["kernel"]), ([], ["kernel", "gamma", "beta", "bias"]),
+                                             (("bias",), ["kernel", "gamma", "beta"])])
+@pytest.mark.parametrize("cls", [optim.SGD, optim.LARS])
+def test_weight_decay_scope_follows_wd_exclude(cls, exclude, decayed):
+    """train.wd_exclude: with zero gradients only weight decay moves a variable; the decayed ones follow the
+    coupled-L2 recursion by hand (LARS: every decayed variable's step is lr·η·‖θ‖ along −θ), the others stay."""
+    names = ["kernel", "gamma", "beta", "bias"]
+    rng = np.random.default_rng(3)
+    params = [rng.standard_normal(s).astype(np.float32) + 2.0 for s in [(3, 4), (4,), (4,), (4,)]]
+    zeros = [[np.zeros_like(p) for p in params]]
+    kw = dict(trust_coefficient=0.01) if cls is optim.LARS else {}
+    got = _run(cls(0.1, momentum=0.9, weight_decay=0.5, wd_exclude=exclude, **kw), params, zeros, names)
+    for name, before, after in zip(names, params, got):
+        if name not in decayed:
+            np.testing.assert_array_equal(after, before, err_msg=name)
+        elif cls is optim.SGD:
+            np.testing.assert_allclose(after, before * (1 - 0.1 * 0.5), rtol=1e-6, err_msg=name)
+        else:
+            np.testing.assert_allclose(after, before * (1 - 0.1 * 0.01), rtol=1e-6, err_msg=name)
+    assert cls(0.1, wd_exclude=exclude).get_config()["wd_exclude"] == list(exclude)
+
+
+def test_build_optimizer_passes_the_recipe_scope():
+    from tfssl import config
+    for sets, scope in (([], ("bn", "bias")), (["train.wd_exclude=[]"], ())):
+        cfg = config.load("ressl_fashion_mnist", sets)
+        assert optim.build_optimizer(cfg.train, 10, 5).wd_exclude == scope
+    assert config.load("ressl_cifar10").train.wd_exclude == [] and config.load("wcl_imagenet").train.wd_exclude == \
+        ["bn", "bias"] and config.load("csml_imagenet").train.wd_exclude == []
 
 
 def test_sgd_nesterov_differs_from_heavy_ball():

@@ -116,6 +116,23 @@ def test_gaussian_blur_kernel_sums_to_one(size):
     assert support.min() >= n // 2 - blur.k // 2 and support.max() <= n // 2 + blur.k // 2
 
 
+def test_gaussian_blur_is_not_truncated():
+    """The kernel reaches 3σ: at σ = 2 the blurred impulse has standard deviation 2 along each axis at 64 px (the
+    former 10 %-of-size kernel gave 1.64), and a recipe can turn blur on for CIFAR-sized views (ReSSL's strong view)."""
+    blur = V.GaussianBlur(64, sigma=(2.0, 2.0), p=1.0)
+    assert blur.k == 13
+    n = 41
+    img = np.zeros((1, n, n, 1), np.float32)
+    img[0, n // 2, n // 2, 0] = 1.0
+    out = blur(tf.constant(img)).numpy()[0, :, :, 0]
+    profile = out.sum(axis=0)
+    offsets = np.arange(n) - n // 2
+    assert abs(np.sqrt((profile * offsets ** 2).sum() / profile.sum()) - 2.0) < 0.03
+    assert any(isinstance(l, V.GaussianBlur) for l in V.view("strong", "cifar", 32, blur=True).layers)
+    assert not any(isinstance(l, V.GaussianBlur) for l in V.view("strong", "cifar", 32).layers)
+    assert not any(isinstance(l, V.GaussianBlur) for l in V.view("weak", "cifar", 32, blur=True).layers)
+
+
 @pytest.mark.parametrize("size", [32, 224])
 def test_gaussian_blur_preserves_constant_image(size):
     """Blurring a constant image must give the same image, borders included (torchvision's GaussianBlur pads by

@@ -208,10 +208,12 @@ def _block(x, kind, filters, stride, sync, name):
 
 
 def build_backbone(name="resnet18", cifar_stem=True, width=1.0, sync_bn=False, channels=3,
-                   mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), with_stage3=False, model_name="backbone"):
+                   mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), with_stage3=False, model_name="backbone",
+                   stem_pool=False):
     """A ResNet mapping images [B,H,W,channels] in [0,1] to pooled features [B, feature_dim(name, width)].
 
     With ``with_stage3`` the model returns ``(pooled, stage3_map)``. Any H, W (global average pooling).
+    ``stem_pool`` keeps the 3×3 stride-2 max-pool after a CIFAR stem (ReSSL's STL-10 and Tiny-ImageNet code).
     """
     if name not in SPECS:
         raise ValueError(f"model.backbone={name!r} is not one of {', '.join(SPECS)}")
@@ -223,6 +225,8 @@ def build_backbone(name="resnet18", cifar_stem=True, width=1.0, sync_bn=False, c
     if cifar_stem:
         x = _conv(stem, 3, 1, "stem_conv")(x)
         x = layers.ReLU()(_bn(sync_bn, "stem_bn")(x))
+        if stem_pool:
+            x = layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")(x)
     else:
         x = _conv(stem, 7, 2, "stem_conv")(x)
         x = layers.ReLU()(_bn(sync_bn, "stem_bn")(x))

@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     backbone: str = "resnet18"          # resnet18 | resnet34 | resnet50 | tiny
     cifar_stem: bool = True             # 3x3 stride-1 conv, no max-pool (small images)
+    stem_pool: bool = False             # keep a 3x3/2 max-pool after the CIFAR stem (ReSSL's STL-10/Tiny-ImageNet)
     width: float = 1.0                  # width multiplier of every stage
     sync_bn: bool = True                # BatchNormalization(synchronized=True) under multi-replica strategies
     projector_hidden: int = 2048
@@ -39,7 +40,12 @@ class DataConfig:
     test_path: Optional[str] = None     # folder source: optional held-out folder
     limit: Optional[int] = None         # use only the first N training images
     test_limit: Optional[int] = None    # use only the first N held-out images (kNN monitor)
-    image_size: int = 32                # images are resized to this before the views
+    image_size: int = 32                # fixed-size sources: images resized to this; originals: eval short side
+    crop_size: Optional[int] = None     # originals: centre crop of the evaluation view (ImageNet: 224 of 256)
+    originals: Any = "auto"             # crop the views from the original images: auto (when sizes vary) | true | false
+    pretrain_split: str = "train"       # TFDS split(s) of pretraining, e.g. train+unlabelled (STL-10)
+    eval_split: str = "train"           # TFDS labelled split of the protocols (kNN bank, linear, fine-tuning)
+    test_split: Optional[str] = None    # TFDS held-out split (None: test, else validation)
     channels: int = 3                   # 3 = grayscale images are replicated to RGB
     shuffle_buffer: int = 10000
     seed: Optional[int] = 0
@@ -52,6 +58,7 @@ class AugmentConfig:
     preset: str = "fashion_mnist"       # fashion_mnist | cifar | stl10 | imagenet
     size: int = 32                      # output size of the large crops
     on_device: bool = False             # run the views inside train_step instead of the tf.data pipeline
+    blur: Optional[bool] = None         # Gaussian blur in the strong views (None: the preset's choice)
     crop_scale: Optional[List[float]] = None   # area range of the large views' RandomResizedCrop (None: the
     #                                            recipe's, (0.2, 1) or SimCLR's (0.08, 1))
     small_crops: int = 0                # multi-crop: number of small student crops
@@ -70,6 +77,7 @@ class TrainConfig:
     lr: float = 0.06                        # base learning rate, scaled by lr_scaling
     lr_scaling: str = "linear"              # linear (lr*B/256) | sqrt (lr*sqrt(B)) | none
     weight_decay: float = 5e-4
+    wd_exclude: List[str] = field(default_factory=lambda: ["bn", "bias"])   # [] decays every variable
     momentum: float = 0.9
     warmup_epochs: float = 0.0
     probe_lr: float = 0.1
@@ -94,8 +102,9 @@ class EvalConfig:
     epochs: Optional[int] = None            # epochs of tfssl eval linear/semi (None: the protocol's own)
     batch_size: int = 256                   # embedding batch of every protocol
     val_fraction: float = 0.1               # linear: validation split carved from train (never the test set)
-    linear_preset: str = "small"            # small | moco | simclr (tfssl.eval.linear.PRESETS)
-    linear_augment: bool = False            # linear: fresh crop+flip views each epoch (paper path) vs cached features
+    linear_preset: str = "small"            # small (tfssl's, quick) | ressl | ressl_small | wcl | moco | csml | simclr
+    linear_augment: Optional[bool] = None   # linear: fresh crop+flip views each epoch (the papers) or cached
+    #                                         features; None: the preset's (tfssl.eval.linear.PRESETS)
     semi_fractions: List[float] = field(default_factory=lambda: [0.01, 0.1])
     semi_head_lr: float = 0.1               # fine-tuning: head lr; backbone lr = semi_backbone_ratio × head lr
     semi_backbone_ratio: float = 0.1
@@ -124,6 +133,7 @@ class DistributeConfig:
 CHOICES = {
     ("model", "backbone"): ["resnet18", "resnet34", "resnet50", "tiny"],
     ("data", "on_corrupt"): ["skip", "error"],
+    ("data", "originals"): [True, False, "auto"],
     ("augment", "preset"): ["fashion_mnist", "cifar", "stl10", "imagenet"],
     ("train", "optimizer"): ["sgd", "lars", "lamb"],
     ("train", "lr_scaling"): ["linear", "sqrt", "none"],
@@ -132,7 +142,7 @@ CHOICES = {
     ("train", "on_nan"): ["stop", "skip"],
     ("train", "jit_compile"): [True, False, "auto"],
     ("distribute", "strategy"): ["default", "mirrored", "multi_worker", "tpu"],
-    ("eval", "linear_preset"): ["small", "moco", "simclr"],
+    ("eval", "linear_preset"): ["small", "ressl", "ressl_small", "wcl", "moco", "csml", "simclr"],
 }
 
 # method.name → its parameter dataclass. tfssl.methods fills it (register_method) when it is imported, which
@@ -144,6 +154,9 @@ def register_method(name: str, params_cls) -> None:
     """Make ``method.name=name`` valid, its keys checked against the dataclass ``params_cls``."""
     METHOD_PARAMS[name] = params_cls
 
+
+# list keys whose every entry must be one of these
+LIST_CHOICES = {("train", "wd_exclude"): ["bn", "bias"]}
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig, "train": TrainConfig,
             "eval": EvalConfig, "export": ExportConfig, "distribute": DistributeConfig}
@@ -210,6 +223,9 @@ def _build(section: str, cls, values: Dict[str, Any], source: str):
         if choices and not any(type(value) is type(c) and value == c for c in choices):   # 1 is not true
             raise ConfigError(f"{source}: {section}.{key}={value!r} is not one of "
                               f"{', '.join(str(c).lower() if isinstance(c, bool) else c for c in choices)}")
+        allowed = LIST_CHOICES.get((section, key))
+        if allowed and any(v not in allowed for v in value):
+            raise ConfigError(f"{source}: {section}.{key}={value!r}: entries must be among {', '.join(allowed)}")
         kwargs[key] = value
     return cls(**kwargs)
 

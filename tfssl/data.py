@@ -2,7 +2,15 @@
 
 Sources: Fashion-MNIST (upstream idx files, e.g. Debian's ``dataset-fashion-mnist``, else TFDS), any TFDS name, an
 image folder (one sub-folder per class, or flat and unlabelled; label −1) and numpy arrays. A source yields
-``{"image": uint8 [H,W,C], "label": int32}`` elements already resized to ``data.image_size`` with ``data.channels``.
+``{"image": uint8 [H,W,C], "label": int32}`` elements with ``data.channels``, of a fixed size:
+
+* fixed-size sources (Fashion-MNIST, CIFAR, STL-10, numpy arrays) resize every image to ``data.image_size``; the
+  views crop these (the papers' small-dataset pipelines do the same on the native images);
+* sources whose images vary in size (image folders, ImageNet-like TFDS sets; ``data.originals: auto``) keep the
+  decoded originals for pretraining — each view is a RandomResizedCrop of the *original* image, any size and aspect,
+  resized to the view size (:func:`tfssl.views.crop_original`) — and their ``train``/``test`` datasets are the
+  evaluation view: the short side resized to ``data.image_size``, then the ``data.crop_size`` centre crop
+  (torchvision's Resize(256) + CenterCrop(224) at 256/224), as the papers' evaluation does.
 """
 from __future__ import annotations
 
@@ -40,6 +48,15 @@ class Source:
     std: tuple = (0.5, 0.5, 0.5)
     skipped_corrupt: int = 0
     lookup: Optional[Callable] = None   # random access to train: int64 index → {"image", "label"} (see indexed())
+    originals: bool = False             # pretraining crops the originals: lookup_original / train_original
+    lookup_original: Optional[Callable] = None   # index → {"image": uint8 [H, W, C] as decoded, "label"}
+    train_original: Optional[tf.data.Dataset] = None   # the originals in order (sources without random access)
+    eval_train: Optional[tf.data.Dataset] = None       # the labelled split of evaluation (default: train)
+
+    @property
+    def labelled(self):
+        """The labelled training split the protocols use (kNN bank, linear probe, fine-tuning)."""
+        return self.eval_train if self.eval_train is not None else self.train
 
 
 def _read_idx(path):
@@ -64,14 +81,39 @@ def load_fashion_mnist_idx(directory=FASHION_MNIST_DIR):
     return x_tr[..., None], y_tr.astype(np.int32), x_te[..., None], y_te.astype(np.int32)
 
 
+def _channels(image, channels):
+    if image.shape[-1] == 1 and channels == 3:
+        return tf.image.grayscale_to_rgb(image)
+    if image.shape[-1] == 3 and channels == 1:
+        return tf.cast(tf.image.rgb_to_grayscale(image), tf.uint8)
+    return image
+
+
 def _prepare(image, size, channels):
     """uint8 image of any size/channels → uint8 [size,size,channels]."""
-    if image.shape[-1] == 1 and channels == 3:
-        image = tf.image.grayscale_to_rgb(image)
-    elif image.shape[-1] == 3 and channels == 1:
-        image = tf.cast(tf.image.rgb_to_grayscale(image), tf.uint8)
-    image = tf.image.resize(image, [size, size], antialias=True)
+    image = tf.image.resize(_channels(image, channels), [size, size], antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def eval_view(image, short_side, crop, channels):
+    """The evaluation view of an image of any size: the short side resized to ``short_side`` (aspect kept,
+    antialiased), then the centre ``crop``×``crop`` (``crop`` None: ``short_side``). uint8 [crop, crop, channels]."""
+    image = _channels(image, channels)
+    crop = int(crop or short_side)
+    hw = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = float(short_side) / tf.reduce_min(hw)
+    new = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), crop)
+    image = tf.image.resize(image, new, antialias=True)
+    top, left = (new[0] - crop) // 2, (new[1] - crop) // 2
+    image = tf.image.crop_to_bounding_box(image, top, left, crop, crop)
+    image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    image.set_shape([crop, crop, channels])
+    return image
+
+
+def _originals(cfg, varying):
+    """Whether pretraining crops the originals (``data.originals``; ``auto``: when image sizes vary)."""
+    return bool(varying) if cfg.originals == "auto" else bool(cfg.originals)
 
 
 def _from_arrays(x, y, cfg):
@@ -121,6 +163,11 @@ def _fashion_mnist(cfg):
                         f"train-images-idx3-ubyte.gz etc., or data.download=true with internet access") from None
 
 
+def _split_size(splits, spec):
+    """Examples in a TFDS split spec joined by ``+`` (e.g. STL-10's ``train+unlabelled``)."""
+    return sum(splits[part.strip()].num_examples for part in spec.split("+"))
+
+
 def _tfds(name, cfg):
     try:
         import tensorflow_datasets as tfds
@@ -128,24 +175,45 @@ def _tfds(name, cfg):
         if cfg.download:
             builder.download_and_prepare()
         splits = builder.info.splits
-        test_split = "test" if "test" in splits else ("validation" if "validation" in splits else None)
-        train = builder.as_dataset(split="train", shuffle_files=False)
+        if not splits:                       # not prepared in data_dir
+            raise FileNotFoundError(f"no prepared splits of {name}")
+        test_split = cfg.test_split or ("test" if "test" in splits else ("validation" if "validation" in splits
+                                                                          else None))
+        for key, spec in (("pretrain_split", cfg.pretrain_split), ("eval_split", cfg.eval_split),
+                          ("test_split", test_split)):
+            if spec and any(part.strip() not in splits for part in spec.split("+")):
+                raise DataError(f"data.{key}={spec!r}: {name} has the splits {', '.join(splits)}")
+        train = builder.as_dataset(split=cfg.pretrain_split, shuffle_files=False)
+        labelled = builder.as_dataset(split=cfg.eval_split, shuffle_files=False) \
+            if cfg.eval_split != cfg.pretrain_split else None
         test = builder.as_dataset(split=test_split) if test_split else None
-        n_train, n_test = splits["train"].num_examples, splits[test_split].num_examples if test_split else 0
+        n_train, n_test = _split_size(splits, cfg.pretrain_split), _split_size(splits, test_split) if test_split else 0
+        image_shape = builder.info.features["image"].shape
+    except DataError:
+        raise
     except Exception as e:  # TFDS raises many types for a missing dataset
         raise DataError(f"TFDS dataset {name!r} is not available in data_dir={cfg.data_dir or '~/tensorflow_datasets'}"
                         f" ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}). Fix: prepare it with "
                         f"`tfds build {name}` on a machine with internet, or set data.download=true") from None
     if cfg.limit:
         train, n_train = train.take(cfg.limit), min(n_train, cfg.limit)
+        labelled = labelled.take(cfg.limit) if labelled is not None else None
     if test is not None and cfg.test_limit:
         test, n_test = test.take(cfg.test_limit), min(n_test, cfg.test_limit)
-    prep = lambda e: {"image": _prepare(e["image"], cfg.image_size, cfg.channels),
-                      "label": tf.cast(e.get("label", -1), tf.int32)}
+    originals = _originals(cfg, None in tuple(image_shape)[:2])
+    fixed = (lambda im: eval_view(im, cfg.image_size, cfg.crop_size, cfg.channels)) if originals else \
+        (lambda im: _prepare(im, cfg.image_size, cfg.channels))
+    label = lambda e: tf.cast(e.get("label", -1), tf.int32)                 # noqa: E731
+    prep = lambda e: {"image": fixed(e["image"]), "label": label(e)}      # noqa: E731
     k = builder.info.features["label"].num_classes if "label" in builder.info.features else 0
     mean, std = STATS.get(name, IMAGENET_STATS)
-    return Source(train.map(prep, AUTOTUNE), test.map(prep, AUTOTUNE) if test is not None else None,
-                  n_train, n_test, k, name, mean, std)
+    source = Source(train.map(prep, AUTOTUNE), test.map(prep, AUTOTUNE) if test is not None else None,
+                    n_train, n_test, k, name, mean, std, originals=originals,
+                    eval_train=labelled.map(prep, AUTOTUNE) if labelled is not None else None)
+    if originals:
+        source.train_original = train.map(lambda e: {"image": _channels(e["image"], cfg.channels), "label": label(e)},
+                                          AUTOTUNE)
+    return source
 
 
 def scan_folder(root, on_corrupt="skip"):
@@ -174,28 +242,35 @@ def scan_folder(root, on_corrupt="skip"):
     return [p for p, _ in good], np.array([l for _, l in good], np.int32), classes, corrupt
 
 
-def _folder_split(root, cfg, limit):
+def _folder_split(root, cfg, limit, originals):
     paths, labels, classes, corrupt = scan_folder(root, cfg.on_corrupt)
     paths, labels = paths[:limit] if limit else paths, labels[:limit] if limit else labels
 
-    def decode(path, label):
+    def decode(path):
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
         image.set_shape([None, None, 3])
-        return {"image": _prepare(image, cfg.image_size, cfg.channels), "label": label}
-    ds = tf.data.Dataset.from_tensor_slices((paths, labels)).map(decode, AUTOTUNE).ignore_errors()
+        return _channels(image, cfg.channels)
+    fixed = (lambda im: eval_view(im, cfg.image_size, cfg.crop_size, cfg.channels)) if originals else \
+        (lambda im: _prepare(im, cfg.image_size, cfg.channels))
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
+        lambda p, l: {"image": fixed(decode(p)), "label": l}, AUTOTUNE).ignore_errors()
     pt, lt = tf.constant(paths or [""]), tf.constant(labels)
-    return ds, len(paths), len(classes), len(corrupt), lambda i: decode(tf.gather(pt, i), tf.gather(lt, i))
+    lookup = lambda i: {"image": fixed(decode(tf.gather(pt, i))), "label": tf.gather(lt, i)}          # noqa: E731
+    original = lambda i: {"image": decode(tf.gather(pt, i)), "label": tf.gather(lt, i)}               # noqa: E731
+    return ds, len(paths), len(classes), len(corrupt), lookup, original
 
 
 def _folder(cfg):
     if not cfg.path:
         raise DataError("data.name=folder needs data.path=DIR (one sub-folder per class, or flat)")
-    train, n, k, bad, lookup = _folder_split(cfg.path, cfg, cfg.limit)
+    originals = _originals(cfg, True)          # folders hold images of any size
+    train, n, k, bad, lookup, original = _folder_split(cfg.path, cfg, cfg.limit, originals)
     test, n_test, bad_test = None, 0, 0
     if cfg.test_path:
-        test, n_test, _, bad_test, _ = _folder_split(cfg.test_path, cfg, cfg.test_limit)
+        test, n_test, _, bad_test, _, _ = _folder_split(cfg.test_path, cfg, cfg.test_limit, originals)
     mean, std = IMAGENET_STATS
-    return Source(train, test, n, n_test, k, "folder", mean, std, skipped_corrupt=bad + bad_test, lookup=lookup)
+    return Source(train, test, n, n_test, k, "folder", mean, std, skipped_corrupt=bad + bad_test, lookup=lookup,
+                  originals=originals, lookup_original=original if originals else None)
 
 
 def _numpy_file(cfg):

@@ -1,8 +1,9 @@
 """Optimizers and schedules: SGD with coupled (PyTorch-style) weight decay, LARS, Keras Lamb; warmup + cosine.
 
 Weight decay here is L2 added to the gradient before momentum, as in the papers' PyTorch code (Keras's own
-``weight_decay`` is decoupled). Variables of rank ≤ 1 (BatchNorm γ/β, biases) get no weight decay and, in LARS, no
-trust-ratio adaptation (You et al. 2017; SimCLR/WCL practice).
+``weight_decay`` is decoupled). Its scope is ``train.wd_exclude``: ``[bn, bias]`` (the default; SimCLR, WCL and
+ReSSL's ImageNet code) leaves BatchNorm γ/β and biases undecayed and, in LARS, without trust-ratio adaptation (You
+et al. 2017); ``[]`` decays every variable (ReSSL's small-dataset code and CsMl: ``SGD(model.parameters(), …)``).
 """
 from __future__ import annotations
 
@@ -12,17 +13,26 @@ import keras
 from keras import ops
 
 
-def _excluded(variable):
-    return len(variable.shape) <= 1
+WD_EXCLUDE = ("bn", "bias")
+
+
+def excluded(variable, exclude=WD_EXCLUDE):
+    """Whether ``variable`` is left out of weight decay (and LARS's adaptation): ``exclude`` names the kinds, ``bn``
+    (BatchNorm γ and β, by variable name) and ``bias`` (biases)."""
+    name = (getattr(variable, "path", None) or variable.name).rsplit("/", 1)[-1].split(":")[0]
+    kind = "bn" if name in ("gamma", "beta") else "bias" if name == "bias" else None
+    return kind is not None and kind in exclude
 
 
 @keras.saving.register_keras_serializable(package="tfssl")
 class SGD(keras.optimizers.Optimizer):
-    """v ← μ·v + g + wd·θ; θ ← θ − lr·v (or Nesterov). ``weight_decay`` skips rank-≤1 variables."""
+    """v ← μ·v + g + wd·θ; θ ← θ − lr·v (or Nesterov). ``weight_decay`` skips the kinds in ``wd_exclude``."""
 
-    def __init__(self, learning_rate=0.1, momentum=0.9, weight_decay=0.0, nesterov=False, name="sgd", **kw):
+    def __init__(self, learning_rate=0.1, momentum=0.9, weight_decay=0.0, nesterov=False, name="sgd",
+                 wd_exclude=WD_EXCLUDE, **kw):
         super().__init__(learning_rate=learning_rate, name=name, **kw)
         self.momentum, self.l2, self.nesterov = momentum, weight_decay, nesterov
+        self.wd_exclude = tuple(wd_exclude)
 
     def build(self, variables):
         if self.built:
@@ -32,7 +42,7 @@ class SGD(keras.optimizers.Optimizer):
 
     def _direction(self, gradient, variable, lr):
         """The step before the learning rate; LARS rescales it."""
-        if self.l2 and not _excluded(variable):
+        if self.l2 and not excluded(variable, self.wd_exclude):
             gradient = gradient + self.l2 * variable
         return gradient
 
@@ -45,7 +55,8 @@ class SGD(keras.optimizers.Optimizer):
         self.assign_sub(variable, lr * step)
 
     def get_config(self):
-        return {**super().get_config(), "momentum": self.momentum, "weight_decay": self.l2, "nesterov": self.nesterov}
+        return {**super().get_config(), "momentum": self.momentum, "weight_decay": self.l2, "nesterov": self.nesterov,
+                "wd_exclude": list(self.wd_exclude)}
 
 
 @keras.saving.register_keras_serializable(package="tfssl")
@@ -53,13 +64,13 @@ class LARS(SGD):
     """LARS (You et al. 2017): the decayed gradient is scaled by η·‖θ‖/‖g + wd·θ‖ before momentum (rank>1 only)."""
 
     def __init__(self, learning_rate=0.1, momentum=0.9, weight_decay=1e-6, trust_coefficient=0.001, name="lars",
-                 **kw):
-        super().__init__(learning_rate, momentum, weight_decay, name=name, **kw)
+                 wd_exclude=WD_EXCLUDE, **kw):
+        super().__init__(learning_rate, momentum, weight_decay, name=name, wd_exclude=wd_exclude, **kw)
         self.trust_coefficient = trust_coefficient
 
     def _direction(self, gradient, variable, lr):
         d = super()._direction(gradient, variable, lr)
-        if _excluded(variable):
+        if excluded(variable, self.wd_exclude):
             return d
         w_norm, d_norm = ops.norm(ops.reshape(variable, [-1])), ops.norm(ops.reshape(d, [-1]))
         trust = ops.where((w_norm > 0) & (d_norm > 0), self.trust_coefficient * w_norm / d_norm, 1.0)
@@ -96,12 +107,15 @@ def build_optimizer(train_cfg, total_steps, steps_per_epoch):
     """The optimizer named by ``train.optimizer`` with the scaled lr under warmup + cosine."""
     lr = WarmupCosine(scaled_lr(train_cfg.lr, train_cfg.batch_size, train_cfg.lr_scaling), total_steps,
                       int(round(train_cfg.warmup_epochs * steps_per_epoch)))
+    exclude = tuple(train_cfg.wd_exclude)
     if train_cfg.optimizer == "sgd":
-        return SGD(lr, train_cfg.momentum, train_cfg.weight_decay)
+        return SGD(lr, train_cfg.momentum, train_cfg.weight_decay, wd_exclude=exclude)
     if train_cfg.optimizer == "lars":
-        return LARS(lr, train_cfg.momentum, train_cfg.weight_decay)
+        return LARS(lr, train_cfg.momentum, train_cfg.weight_decay, wd_exclude=exclude)
     if train_cfg.optimizer == "lamb":
-        return keras.optimizers.Lamb(lr, weight_decay=train_cfg.weight_decay or None)
+        opt = keras.optimizers.Lamb(lr, weight_decay=train_cfg.weight_decay or None)
+        opt.tfssl_wd_exclude = exclude           # the method's compile exempts these kinds (Keras decays all)
+        return opt
     raise ValueError(f"train.optimizer={train_cfg.optimizer!r} is not one of sgd, lars, lamb")
 
 

@@ -69,8 +69,10 @@ def epoch_pipeline(source, batch_size, steps, epoch=None, views=None, seed=0):
     the dataset then yields that epoch's ``steps`` batches and ``model.fit`` makes a new iterator every epoch. None:
     an endless stream from step 0. Yields ``{"image", "label"}`` or, with ``views``, ``{"views", "label"}``.
     """
-    lookup = indexed(source)
     ds = _epoch_elements(source.num_train, batch_size, steps, epoch, seed)
+    if source.originals:
+        return _originals_epoch(source, ds, batch_size, steps, epoch, views, seed)
+    lookup = indexed(source)
     ds = ds.map(lambda g, i: lookup(i), AUTOTUNE, deterministic=True).batch(batch_size, drop_remainder=True)
     if views is None:
         return ds.prefetch(AUTOTUNE)
@@ -78,6 +80,32 @@ def epoch_pipeline(source, batch_size, steps, epoch=None, views=None, seed=0):
     def make_views(b, e):
         step = b if epoch is None else tf.cast(epoch.read_value(), tf.int64) * steps + b
         return {"views": views(e["image"], step=step, seed=_step_seed(seed, step)), "label": e["label"]}
+    return ds.enumerate().map(make_views, AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
+
+
+def _crops(views, image, g, batch_size, seed, stream=0):
+    """The per-image crops of every view of element ``g`` (its original ``image``): seeded by (data seed, g), so the
+    same element of the same epoch gets the same boxes after a resume; ``stream`` tells apart images of a pair."""
+    return views.crop_stage(image, seed=_step_seed(seed, g, stream + 17), step=g // batch_size)
+
+
+def _originals_epoch(source, elements, batch_size, steps, epoch, views, seed):
+    """:func:`epoch_pipeline` for a source of originals (image folders): each view's RandomResizedCrop is made per
+    image on the decoded original (any size and aspect), the rest of the views on the batch of crops."""
+    if views is None:
+        raise DataError(f"{source.name}: views on the device need images of one size, but this source crops its "
+                        f"originals in the input pipeline; set augment.on_device=false (or data.originals=false to "
+                        f"resize every image to data.image_size first)")
+    lookup = source.lookup_original
+
+    def element(g, i):
+        e = lookup(i)
+        return {"crops": _crops(views, e["image"], g, batch_size, seed), "label": e["label"]}
+
+    def make_views(b, e):
+        step = b if epoch is None else tf.cast(epoch.read_value(), tf.int64) * steps + b
+        return {"views": views.after_crop(e["crops"], step=step, seed=_step_seed(seed, step)), "label": e["label"]}
+    ds = elements.map(element, AUTOTUNE, deterministic=True).batch(batch_size, drop_remainder=True)
     return ds.enumerate().map(make_views, AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
 
 
@@ -92,7 +120,8 @@ def pair_pipeline(source, table, views, batch_size, mix, seed=0, steps=None, epo
     Yields ``{"views": (q_i, k_i, q_j, k_j, q_mix, λ′ per row [B]), "label": anchor labels}``, or with
     ``views=None`` (views on the device) ``{"anchor", "neighbour", "label"}`` uint8 batches.
     """
-    lookup = indexed(source)
+    originals = source.originals and views is not None
+    lookup = source.lookup_original if originals else indexed(source)
     n, k = int(table.shape[0]), int(table.shape[1])
     if n != source.num_train:
         raise DataError(f"the neighbour table has {n} rows but {source.name} has {source.num_train} training images")
@@ -104,12 +133,19 @@ def pair_pipeline(source, table, views, batch_size, mix, seed=0, steps=None, epo
         draw = tf.random.stateless_uniform([], tf.stack([tf.constant(seed, tf.int64), g]), 0, k, tf.int64)
         j = tf.cast(tf.gather(table[i], draw), tf.int64)
         a, b = lookup(i), lookup(j)
+        if originals:                           # image folders: crop the originals per image, here
+            return {"anchor": _crops(views, a["image"], g, batch_size, seed, 1),
+                    "neighbour": _crops(views, b["image"], g, batch_size, seed, 2), "label": a["label"]}
         return {"anchor": a["image"], "neighbour": b["image"], "label": a["label"]}
 
     def make_views(b, e):
         step = b if epoch is None else tf.cast(epoch.read_value(), tf.int64) * steps + b
-        qi, ki = _call_views(views, e["anchor"], _step_seed(seed, step, 1))[:2]
-        qj, kj = _call_views(views, e["neighbour"], _step_seed(seed, step, 2))[:2]
+        if originals:
+            qi, ki = views.after_crop(e["anchor"], step=step, seed=_step_seed(seed, step, 1))[:2]
+            qj, kj = views.after_crop(e["neighbour"], step=step, seed=_step_seed(seed, step, 2))[:2]
+        else:
+            qi, ki = _call_views(views, e["anchor"], _step_seed(seed, step, 1))[:2]
+            qj, kj = _call_views(views, e["neighbour"], _step_seed(seed, step, 2))[:2]
         qm, lam = mix(qi, qj, _step_seed(seed, step))
         return {"views": (qi, ki, qj, kj, qm, tf.fill([batch_size], lam)), "label": e["label"]}
 
@@ -120,24 +156,35 @@ def pair_pipeline(source, table, views, batch_size, mix, seed=0, steps=None, epo
     return ds.enumerate().map(make_views, AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
 
 
-def stream_pipeline(ds, batch_size, steps, epoch, views=None, seed=0, shuffle_buffer=10000):
+def stream_pipeline(ds, batch_size, steps, epoch, views=None, seed=0, shuffle_buffer=10000, originals_ds=None):
     """Pretraining batches of a source without random access (a large TFDS dataset): an endless shuffled stream.
 
     The stream starts at the epoch held by the host variable ``epoch`` when ``model.fit`` first reads it, with a
     shuffle seeded by (``seed``, that epoch); the views use the stateless seed (seed, step) as in
     :func:`epoch_pipeline`. A resumed run therefore gets a fresh seeded order (statistically the same, not the
     bit-identical batches of an uninterrupted run, which needs random access: in-memory or image-folder sources).
+    ``originals_ds``: the decoded originals of a source whose views crop them (ImageNet from TFDS), used instead of
+    ``ds`` with per-image crops as in :func:`epoch_pipeline`.
     """
     seed = int(seed or 0)
+    originals = originals_ds is not None and views is not None
 
     def from_epoch(_):
         e = tf.cast(epoch.read_value(), tf.int64)
-        stream = ds.shuffle(shuffle_buffer, seed=seed * 1000003 + e, reshuffle_each_iteration=True).repeat()
+        source = originals_ds if originals else ds
+        stream = source.shuffle(shuffle_buffer, seed=seed * 1000003 + e, reshuffle_each_iteration=True).repeat()
+        if originals:                           # crops of the originals, per image, seeded by its stream position
+            stream = stream.enumerate(start=e * steps * batch_size).map(
+                lambda g, x: {"crops": _crops(views, x["image"], g, batch_size, seed), "label": x["label"]},
+                AUTOTUNE, deterministic=True)
         return stream.batch(batch_size, drop_remainder=True).enumerate(start=e * steps)
 
     def make(step, e):
         if views is None:
             return e
+        if originals:
+            return {"views": views.after_crop(e["crops"], step=step, seed=_step_seed(seed, step)),
+                    "label": e["label"]}
         return {"views": views(e["image"], step=step, seed=_step_seed(seed, step)), "label": e["label"]}
     return tf.data.Dataset.range(1).flat_map(from_epoch).map(make, AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
 

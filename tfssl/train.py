@@ -134,7 +134,7 @@ def _fit(cfg, workdir, log, strategy, source, steps, total, views, backup_dir, c
     cbs += model.job_callbacks(source, cfg, log)
     knn = None
     if source.test is not None and source.num_classes:
-        bank = source.train.take(cfg.eval.knn_train_limit) if cfg.eval.knn_train_limit else source.train
+        bank = source.labelled.take(cfg.eval.knn_train_limit) if cfg.eval.knn_train_limit else source.labelled
         knn = callbacks.KNNMonitor(data.eval_pipeline(bank, 256), data.eval_pipeline(source.test, 256),
                                    source.num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature,
                                    cfg.train.knn_every, cfg.train.epochs, timer=timer)

@@ -7,7 +7,7 @@ parameters map as follows: RandomResizedCrop → :class:`RandomResizedCrop` (are
 resampling on crop_and_resize's grid written as two interpolation matmuls: ``tf.image.crop_and_resize`` has no XLA
 kernel; an oversized box is clipped rather than re-drawn), ColorJitter → :class:`ColorJitter` (fixed order
 brightness, contrast, saturation, hue instead of torchvision's random order — a documented deviation),
-RandomGrayscale, GaussianBlur (σ uniform, kernel ≈10% of the size), RandomSolarize (threshold 0.5).
+RandomGrayscale, GaussianBlur (σ uniform, kernel to 3σ), RandomSolarize (threshold 0.5).
 
 Keras core has most of these layers but no RandomResizedCrop, and its layers draw from a stateful seed generator;
 tfssl's draw statelessly inside :func:`seeded` (seed = data seed and training step), which is what makes a resumed
@@ -16,234 +16,13 @@ a ``seed``; any Keras core or keras-cv layer can be appended to a recipe by name
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
-import math
-
 import keras
 import tensorflow as tf
 
 from tfssl import rng
-
-_SEEDS = []   # stack of [seed tensor, draw counter] set by :func:`seeded`
-
-
-@contextlib.contextmanager
-def seeded(seed):
-    """Make every random draw of the views inside this block stateless: draw ``n`` (in tracing order) uses the seed
-    ``fold_in(seed, n)``. ``seed`` is an int [2] tensor, e.g. (data seed, training step): the same step gives the same
-    views in any process, so a resumed run sees exactly the views of an uninterrupted one. ``None``: each layer's own
-    seed generator (or TensorFlow's global RNG for a layer without ``seed``)."""
-    if seed is None:
-        yield
-        return
-    _SEEDS.append([tf.cast(seed, tf.int64), 0])
-    try:
-        yield
-    finally:
-        _SEEDS.pop()
-
-
-def _gray(images):
-    if images.shape[-1] == 1:
-        return images
-    w = tf.constant([0.299, 0.587, 0.114], images.dtype)
-    return tf.reduce_sum(images * w, axis=-1, keepdims=True)
-
-
-class ViewLayer(keras.layers.Layer):
-    """Base of tfssl's view layers: float images [B,H,W,C] in [0,1] in and out, per-image random draws.
-
-    A draw is stateless inside :func:`seeded`; outside it, it comes from the layer's ``keras.random.SeedGenerator``
-    when ``seed`` is an int (reproducible stand-alone use, saved with the layer), else from TensorFlow's global RNG.
-    """
-
-    def __init__(self, seed=None, **kw):
-        super().__init__(**kw)
-        self.seed = seed
-        self._generator = keras.random.SeedGenerator(seed) if seed is not None else None
-
-    def uniform(self, shape, minval=0.0, maxval=1.0):
-        if _SEEDS:               # identical in tf.data, in a tf.function and under XLA (tfssl.rng)
-            state = _SEEDS[-1]
-            seed = rng.fold_in(state[0], state[1])
-            state[1] += 1
-            return rng.uniform(seed, shape, minval, maxval)
-        if self._generator is not None:
-            return keras.random.uniform(shape, minval, maxval, seed=self._generator)
-        return tf.random.uniform(shape, minval, maxval)
-
-    def per_image(self, images, p):
-        """Boolean [B,1,1,1] mask, true with probability p per image."""
-        return self.uniform([tf.shape(images)[0], 1, 1, 1]) < p
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "seed": self.seed}
-
-
-def _interpolation(start, extent, n, size):
-    """[B, size, n] bilinear weights of ``tf.image.crop_and_resize``'s sampling grid along one axis: output pixel i
-    of a box starting at fraction ``start`` [B] with length ``extent`` [B] samples input position
-    (start + i·extent/(size−1))·(n−1), split between its two neighbouring pixels."""
-    last = tf.cast(n - 1, tf.float32)
-    if size > 1:
-        step = extent * last / (size - 1)
-        pos = start[:, None] * last + tf.range(size, dtype=tf.float32)[None, :] * step[:, None]
-    else:
-        pos = (start + 0.5 * extent)[:, None] * last
-    grid = tf.range(n, dtype=tf.float32)
-    return tf.nn.relu(1.0 - tf.abs(pos[:, :, None] - grid[None, None, :]))
-
-
-def resize_boxes(images, y0, x0, h, w, size):
-    """Bilinear resampling of the box (top ``y0``, left ``x0``, height ``h``, width ``w``; fractions of the image, [B]
-    each) of every image to ``size``×``size``, on the grid of ``tf.image.crop_and_resize`` (same values to float32
-    rounding). Written as two batched matmuls with interpolation matrices (rows, then columns), which XLA compiles on
-    CPU, GPU and TPU (matmuls run on the MXU); ``crop_and_resize`` has no XLA kernel."""
-    images = tf.cast(images, tf.float32)
-    rows = _interpolation(y0, h, tf.shape(images)[1], size)             # [B, size, H]
-    cols = _interpolation(x0, w, tf.shape(images)[2], size)             # [B, size, W]
-    out = tf.einsum("bih,bhwc->biwc", rows, images)
-    out = tf.einsum("bjw,biwc->bijc", cols, out)
-    return tf.ensure_shape(out, [images.shape[0], size, size, images.shape[-1]])
-
-
-@keras.saving.register_keras_serializable(package="tfssl")
-class RandomResizedCrop(ViewLayer):
-    """Crop a random box of area fraction ∈ ``scale`` and aspect ratio ∈ ``ratio`` (log-uniform), resize to ``size``."""
-
-    def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), **kw):
-        super().__init__(**kw)
-        self.size, self.scale, self.ratio = int(size), tuple(scale), tuple(ratio)
-
-    def boxes(self, batch):
-        """(y0, x0, h, w) [B] each: the drawn boxes as fractions of the image (clipped to fit)."""
-        area = self.uniform([batch], self.scale[0], self.scale[1])
-        log_r = self.uniform([batch], math.log(self.ratio[0]), math.log(self.ratio[1]))
-        h = tf.minimum(tf.sqrt(area / tf.exp(log_r)), 1.0)
-        w = tf.minimum(tf.sqrt(area * tf.exp(log_r)), 1.0)
-        y0 = self.uniform([batch]) * (1.0 - h)
-        x0 = self.uniform([batch]) * (1.0 - w)
-        return y0, x0, h, w
-
-    def call(self, images):
-        return resize_boxes(images, *self.boxes(tf.shape(images)[0]), self.size)
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.size, self.size, input_shape[-1])
-
-    def get_config(self):
-        return {**super().get_config(), "size": self.size, "scale": list(self.scale), "ratio": list(self.ratio)}
-
-
-@keras.saving.register_keras_serializable(package="tfssl")
-class RandomFlip(ViewLayer):
-    """Horizontal flip with probability 0.5 per image."""
-
-    def call(self, images):
-        return tf.where(self.per_image(images, 0.5), tf.reverse(images, axis=[2]), images)
-
-
-@keras.saving.register_keras_serializable(package="tfssl")
-class ColorJitter(ViewLayer):
-    """Brightness, contrast, saturation (factors U(1−s, 1+s)) and hue (shift U(−h, h) turns), applied with prob p."""
-
-    def __init__(self, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8, **kw):
-        super().__init__(**kw)
-        self.brightness, self.contrast, self.saturation, self.hue, self.p = brightness, contrast, saturation, hue, p
-
-    def _factor(self, b, s):
-        return self.uniform([b, 1, 1, 1], 1.0 - s, 1.0 + s)
-
-    def call(self, images):
-        b = tf.shape(images)[0]
-        x = images
-        if self.brightness:
-            x = tf.clip_by_value(x * self._factor(b, self.brightness), 0.0, 1.0)
-        if self.contrast:
-            mean = tf.reduce_mean(_gray(x), axis=[1, 2, 3], keepdims=True)
-            x = tf.clip_by_value((x - mean) * self._factor(b, self.contrast) + mean, 0.0, 1.0)
-        if self.saturation and x.shape[-1] == 3:
-            g = _gray(x)
-            x = tf.clip_by_value((x - g) * self._factor(b, self.saturation) + g, 0.0, 1.0)
-        if self.hue and x.shape[-1] == 3:
-            hsv = tf.image.rgb_to_hsv(x)
-            shift = self.uniform([b, 1, 1], -self.hue, self.hue)
-            hsv = tf.stack([tf.math.floormod(hsv[..., 0] + shift, 1.0), hsv[..., 1], hsv[..., 2]], axis=-1)
-            x = tf.image.hsv_to_rgb(hsv)
-        return tf.where(self.per_image(images, self.p), x, images)
-
-    def get_config(self):
-        return {**super().get_config(), "brightness": self.brightness, "contrast": self.contrast,
-                "saturation": self.saturation, "hue": self.hue, "p": self.p}
-
-
-@keras.saving.register_keras_serializable(package="tfssl")
-class RandomGrayscale(ViewLayer):
-    """Replace an image by its luma (kept at C channels) with probability p."""
-
-    def __init__(self, p=0.2, **kw):
-        super().__init__(**kw)
-        self.p = p
-
-    def call(self, images):
-        gray = tf.broadcast_to(_gray(images), tf.shape(images))
-        return tf.where(self.per_image(images, self.p), gray, images)
-
-    def get_config(self):
-        return {**super().get_config(), "p": self.p}
-
-
-@keras.saving.register_keras_serializable(package="tfssl")
-class GaussianBlur(ViewLayer):
-    """Separable Gaussian blur, σ ~ U(sigma), kernel ≈ ``kernel_fraction`` of the size (odd), with probability p."""
-
-    def __init__(self, size, sigma=(0.1, 2.0), p=0.5, kernel_fraction=0.1, **kw):
-        super().__init__(**kw)
-        self.size, self.kernel_fraction = int(size), kernel_fraction
-        self.k = max(3, int(size * kernel_fraction) // 2 * 2 + 1)
-        self.sigma, self.p = tuple(sigma), p
-
-    def call(self, images):
-        b, c = tf.shape(images)[0], images.shape[-1]
-        sigma = self.uniform([b, 1], self.sigma[0], self.sigma[1])
-        r = tf.cast(tf.range(self.k) - self.k // 2, tf.float32)[None, :]
-        kernel = tf.exp(-0.5 * tf.square(r / sigma))
-        kernel = kernel / tf.reduce_sum(kernel, axis=1, keepdims=True)         # [B,k]
-        kernel = tf.reshape(tf.repeat(kernel, c, axis=0), [-1, self.k])         # [B*C,k]
-        x = tf.transpose(images, [1, 2, 0, 3])                                  # [H,W,B,C]
-        shape = tf.shape(x)
-        x = tf.reshape(x, [1, shape[0], shape[1], -1])                          # [1,H,W,B*C]
-        r = self.k // 2                                                         # reflect, as torchvision does
-        x = tf.pad(x, [[0, 0], [r, r], [r, r], [0, 0]], "SYMMETRIC")
-        kx = tf.transpose(kernel)[None, :, :, None]                             # [1,k,B*C,1]
-        ky = tf.transpose(kernel)[:, None, :, None]                             # [k,1,B*C,1]
-        x = tf.nn.depthwise_conv2d(x, kx, [1, 1, 1, 1], "VALID")
-        x = tf.nn.depthwise_conv2d(x, ky, [1, 1, 1, 1], "VALID")
-        x = tf.transpose(tf.reshape(x, shape), [2, 0, 1, 3])
-        return tf.where(self.per_image(images, self.p), x, images)
-
-    def get_config(self):
-        return {**super().get_config(), "size": self.size, "sigma": list(self.sigma), "p": self.p,
-                "kernel_fraction": self.kernel_fraction}
-
-
-@keras.saving.register_keras_serializable(package="tfssl")
-class RandomSolarize(ViewLayer):
-    """Invert pixels ≥ 0.5 with probability p."""
-
-    def __init__(self, p=0.2, **kw):
-        super().__init__(**kw)
-        self.p = p
-
-    def call(self, images):
-        return tf.where(self.per_image(images, self.p), tf.where(images < 0.5, images, 1.0 - images), images)
-
-    def get_config(self):
-        return {**super().get_config(), "p": self.p}
+from tfssl.view_ops import (  # noqa: F401  (the layers, re-exported)
+    ColorJitter, Extra, GaussianBlur, RandomFlip, RandomGrayscale, RandomResizedCrop,
+    RandomSolarize, ViewLayer, _after_crop, crop_original, extra_layer, resize_boxes, seeded)
 
 
 # Colour strength per preset: Fashion-MNIST is gray, so only brightness/contrast remain; blur only at ImageNet size.
@@ -256,58 +35,10 @@ PRESETS = {
 RECIPES = ("strong", "simclr", "weak", "byol1", "byol2")
 
 
-def extra_layer(spec):
-    """A Keras layer from a recipe entry ``{layer: NAME, args: {...}}`` (``augment.extra``): NAME is a Keras core
-    layer (``RandomColorJitter`` or ``keras.layers.RandomColorJitter``), a keras-cv layer
-    (``keras_cv.layers.RandAugment``) or any importable ``module.Class``. Raises ValueError naming the problem."""
-    if not isinstance(spec, dict) or "layer" not in spec or set(spec) - {"layer", "args", "recipes"}:
-        raise ValueError(f"augment.extra entry {spec!r}: expected {{layer: NAME, args: {{...}}, recipes: [...]}} "
-                         f"(args and recipes optional)")
-    name, args = str(spec["layer"]), dict(spec.get("args") or {})
-    if "." not in name:
-        name = "keras.layers." + name
-    module, _, attr = name.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"augment.extra layer {spec['layer']!r} not found ({type(e).__name__}: {e}); give a Keras "
-                         f"core layer name such as RandomColorJitter, or module.Class such as "
-                         f"keras_cv.layers.RandAugment") from None
-    try:
-        layer = cls(**args)
-    except Exception as e:
-        raise ValueError(f"augment.extra layer {spec['layer']} cannot be built with args {args}: "
-                         f"{type(e).__name__}: {e}") from None
-    if not callable(layer):
-        raise ValueError(f"augment.extra layer {spec['layer']} is not a layer")
-    return layer
-
-
-@keras.saving.register_keras_serializable(package="tfssl")
-class Extra(keras.layers.Layer):
-    """A foreign augmentation layer (Keras core, keras-cv) inside a view: called in training mode on float images in
-    [0, 1], output cast back to float32 and clipped to [0, 1]. It draws from its own seed generator, not from
-    :func:`seeded`, so exact resume does not cover its draws (a documented limitation)."""
-
-    def __init__(self, spec, **kw):
-        super().__init__(**kw)
-        self.spec = dict(spec)
-        self.inner = extra_layer(self.spec)
-
-    def call(self, images):
-        out = self.inner(images, training=True)
-        return tf.clip_by_value(tf.cast(out, tf.float32), 0.0, 1.0)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "spec": self.spec}
-
-
-def view(recipe, preset="cifar", size=32, scale=None, extra=()):
+def view(recipe, preset="cifar", size=32, scale=None, extra=(), blur=None):
     """One view recipe as a ``keras.Sequential``: strong (MoCo v2), simclr, weak (ReSSL teacher), byol1, byol2;
-    ``extra``: ``augment.extra`` entries appended (those whose ``recipes`` list includes this recipe, or all)."""
+    ``extra``: ``augment.extra`` entries appended (those whose ``recipes`` list includes this recipe, or all);
+    ``blur``: Gaussian blur in the non-weak recipes (None: the preset's; ReSSL's CIFAR code blurs at 32 px)."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown view recipe {recipe!r}; valid: {', '.join(RECIPES)}")
     if preset not in PRESETS:
@@ -319,7 +50,7 @@ def view(recipe, preset="cifar", size=32, scale=None, extra=()):
         ops += [ColorJitter(*(p["strong_jitter"] if recipe != "strong" else p["jitter"]), p=0.8),
                 RandomGrayscale(0.2)]
         blur_p = {"strong": 0.5, "simclr": 0.5, "byol1": 1.0, "byol2": 0.1}[recipe]
-        if p["blur"]:
+        if p["blur"] if blur is None else blur:
             ops.append(GaussianBlur(size, p=blur_p))
         if recipe == "byol2":
             ops.append(RandomSolarize(0.2))
@@ -344,7 +75,7 @@ class Views(keras.layers.Layer):
 
     def __init__(self, recipes=("strong", "strong"), preset="cifar", size=32, small_crops=0, small_size=16,
                  small_scale=(0.05, 0.14), small_sizes=None, small_scales=None, warmup_recipes=None,
-                 warmup_steps=0, extra=(), crop_scale=None, **kw):
+                 warmup_steps=0, extra=(), crop_scale=None, blur=None, **kw):
         super().__init__(**kw)
         self._args = dict(recipes=list(recipes), preset=preset, size=size, small_crops=small_crops,
                           small_size=small_size, small_scale=list(small_scale),
@@ -352,17 +83,18 @@ class Views(keras.layers.Layer):
                           small_scales=[list(s) for s in small_scales] if small_scales else None,
                           warmup_recipes=list(warmup_recipes) if warmup_recipes else None,
                           warmup_steps=int(warmup_steps), extra=[dict(e) for e in extra or ()],
-                          crop_scale=list(crop_scale) if crop_scale else None)
+                          crop_scale=list(crop_scale) if crop_scale else None, blur=blur)
         extra, scale = self._args["extra"], tuple(crop_scale) if crop_scale else None
-        self.large = [view(r, preset, size, scale=scale, extra=extra) for r in recipes]
+        self.large = [view(r, preset, size, scale=scale, extra=extra, blur=blur) for r in recipes]
         self.warmup_steps = int(warmup_steps) if warmup_recipes else 0
         if self.warmup_steps and len(warmup_recipes) != len(recipes):
             raise ValueError(f"warmup_recipes {tuple(warmup_recipes)} must have as many views as {tuple(recipes)}")
-        self.warmup = [view(r, preset, size, scale=scale, extra=extra) for r in warmup_recipes] \
+        self.warmup = [view(r, preset, size, scale=scale, extra=extra, blur=blur) for r in warmup_recipes] \
             if self.warmup_steps else []
         sizes = list(small_sizes) if small_sizes else [small_size] * small_crops
         scales = list(small_scales) if small_scales else [tuple(small_scale)] * len(sizes)
-        self.small = [view(recipes[0], preset, s, scale=tuple(sc), extra=extra) for s, sc in zip(sizes, scales)]
+        self.small = [view(recipes[0], preset, s, scale=tuple(sc), extra=extra, blur=blur)
+                      for s, sc in zip(sizes, scales)]
 
     def build(self, input_shape):
         for v in self.large + self.warmup + self.small:        # the view layers hold no weights of their own
@@ -394,6 +126,35 @@ class Views(keras.layers.Layer):
                         lambda: tuple(v(images) for v in self.large))
         return tuple(large) + small
 
+    # ------------------------------------------------------------------ views of originals (image folders)
+    def crop_stage(self, image, seed, step=None):
+        """Crops of one original image (any size) for every view, each view's RandomResizedCrop on the original
+        (:func:`crop_original`; under a view schedule, the warm-up recipe's crop scale before ``warmup_steps``):
+        a tuple of float32 [size_v, size_v, C]. ``seed``: stateless [2], per image."""
+        outs = []
+        for k, view_seq in enumerate(self.large + self.small):
+            crop = view_seq.layers[0]
+            scale = tf.constant(crop.scale, tf.float32)
+            if self.scheduled and k < len(self.large) and step is not None:
+                warm = self.warmup[k].layers[0]
+                scale = tf.where(tf.cast(step, tf.int64) < self.warmup_steps, tf.constant(warm.scale, tf.float32),
+                                 scale)
+            outs.append(crop_original(image, crop.size, scale, crop.ratio, rng.fold_in(seed, k)))
+        return tuple(outs)
+
+    def after_crop(self, crops, step=None, seed=None):
+        """The rest of every view (flip, colour, blur, …: all but its crop) on batches of :meth:`crop_stage` crops;
+        ``seed`` makes the draws stateless (:func:`seeded`), as in :meth:`call`."""
+        n = len(self.large)
+        with seeded(seed):
+            small = tuple(_after_crop(v, c) for v, c in zip(self.small, crops[n:]))
+            if not self.scheduled or step is None:
+                return tuple(_after_crop(v, c) for v, c in zip(self.large, crops[:n])) + small
+            large = tf.cond(tf.cast(step, tf.int64) < self.warmup_steps,
+                            lambda: tuple(_after_crop(v, c) for v, c in zip(self.warmup, crops[:n])),
+                            lambda: tuple(_after_crop(v, c) for v, c in zip(self.large, crops[:n])))
+            return tuple(large) + small
+
     def get_config(self):
         return {**super().get_config(), **self._args}
 
@@ -403,4 +164,5 @@ def from_config(augment_cfg, recipes, small_sizes=None, small_scales=None, warmu
     return Views(recipes, augment_cfg.preset, augment_cfg.size, augment_cfg.small_crops, augment_cfg.small_size,
                  augment_cfg.small_scale, small_sizes=small_sizes, small_scales=small_scales,
                  warmup_recipes=warmup_recipes, warmup_steps=warmup_steps,
-                 extra=getattr(augment_cfg, "extra", None) or (), crop_scale=augment_cfg.crop_scale)
+                 extra=getattr(augment_cfg, "extra", None) or (), crop_scale=augment_cfg.crop_scale,
+                 blur=augment_cfg.blur)

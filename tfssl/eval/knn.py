@@ -1,7 +1,9 @@
 """kNN classification of frozen features (METHODS.md, "Evaluation protocols").
 
-* Weighted cosine kNN (Wu et al. 2018 InstDisc monitor, as in solo-learn): the bank's k most cosine-similar
-  features vote for their classes with weight exp(s/τ); classes are ranked by total weight (k = 200, τ = 0.1).
+* Weighted cosine kNN (Wu et al. 2018, InstDisc's monitor, which MoCo's code kept): the bank's k most
+  cosine-similar features vote for their classes with weight exp(s/τ); classes are ranked by total weight (k = 200,
+  τ = 0.1, InstDisc's values; solo-learn's monitor uses k = 20, τ = 0.07). ReSSL, WCL and CsMl publish no kNN
+  protocol (CsMl's k = 5 is its neighbour mining).
 * Plain majority kNN (k = 20): one vote per neighbour; equal counts are ranked by the lower class index.
 
 Test rows are processed in chunks so the similarity matrix never exceeds ``chunk × bank`` floats (1024 × 1.28 M ×

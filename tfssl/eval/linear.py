@@ -16,19 +16,23 @@ computed per epoch, so nothing can be chosen on it. Accuracies are fractions in 
 
 Presets (:data:`PRESETS`), with what the papers used and where tfssl deviates:
 
-* ``moco`` — MoCo v1/v2 ImageNet protocol (He et al. 2020; ``main_lincls.py`` of the MoCo code): SGD momentum 0.9,
-  lr 30, batch 256, weight decay 0, 100 epochs, lr ×0.1 at epochs 60 and 80, raw (un-standardised) pooled
-  features, random-resized-crop + flip during training, centre crop at test. Same here except the head starts
-  from zeros (MoCo: N(0, 0.01) weights) — irrelevant for a convex problem.
+* ``ressl`` / ``ressl_small`` / ``wcl`` — the official ``linear_eval.py`` of ReSSL (ImageNet; small datasets) and
+  WCL, see :data:`PRESETS` for every setting and ``configs/README.md`` for the file and line of each.
+* ``moco`` (= ``csml``) — MoCo v1/v2 ImageNet protocol (He et al. 2020; ``main_lincls.py`` of the MoCo code, kept
+  by CsMl): SGD momentum 0.9, lr 30, batch 256, weight decay 0, 100 epochs, lr ×0.1 at epochs 60 and 80, raw
+  (un-standardised) pooled features, random-resized-crop (0.08–1) + flip during training, centre crop at test.
+  Same here except the head starts from zeros (MoCo: N(0, 0.01) weights) — irrelevant for a convex problem.
+  The paper presets train on augmented views each epoch (``augment``: :func:`augmented_linear_probe`);
+  ``eval.linear_augment: false`` runs them on cached features instead (quicker, not the paper's protocol).
 * ``simclr`` — SimCLR linear evaluation as run by the official code (google-research/simclr README, ImageNet
   linear-head command; ``model_util.get_optimizer``): momentum optimizer with Nesterov, lr 0.1·B/256 (B = 4096 →
   1.6), cosine decay without warm-up, 90 epochs, weight decay 1e-6, zero-initialised logits layer, no BatchNorm on
   the head. The SimCLR code offers LARS for the head as well; plain Nesterov SGD is what its linear-eval command
   uses and what is implemented here (``optimizer="lars"`` remains available). Deviation: tfssl's SGD leaves the
   bias out of weight decay (SimCLR's momentum branch decays it too) — immaterial at 1e-6.
-* ``small`` — tfssl's CPU / small-dataset setting (not from a paper): standardised features (train-split mean and
-  std; a fixed affine map that a linear head can absorb), SGD momentum 0.9 with Nesterov, lr 0.1·B/256 with
-  B = 256, cosine to 0 over 100 epochs, weight decay 5e-4. It is tuned to reach the optimum of the convex problem:
+* ``small`` — tfssl's CPU / small-dataset setting (**not a paper protocol**): cached, unaugmented features,
+  standardised (train-split mean and std; a fixed affine map that a linear head can absorb), SGD momentum 0.9 with
+  Nesterov, lr 0.3·B/256 with B = 256, cosine to 0 over 100 epochs, weight decay 5e-4. It is tuned to reach the optimum of the convex problem:
   with coupled L2 it minimises mean cross-entropy + wd/2·‖W‖², the same objective as scikit-learn's
   ``LogisticRegression(C=1/(wd·n_train))``, and the tests check it lands within ±1 point of that fit.
 """
@@ -44,14 +48,30 @@ from keras import ops
 from tfssl.eval.knn import embed
 from tfssl.optim import LARS, SGD, WarmupCosine, scaled_lr
 
+_PAPER = dict(optimizer="sgd", momentum=0.9, weight_decay=0.0, standardize=False, augment=True, crop_scale=(0.08, 1.0))
 PRESETS = {
-    "moco": dict(optimizer="sgd", lr=30.0, lr_scaling="none", momentum=0.9, nesterov=False, weight_decay=0.0,
-                 schedule="steps", milestones=(0.6, 0.8), epochs=100, batch_size=256, standardize=False),
+    # ReSSL's ImageNet linear_eval.py: SGD m 0.9, lr 0.3, wd 0, cosine per iteration, 100 epochs, batch 256
+    # (32 per GPU × 8), RandomResizedCrop(0.08–1) + flip
+    "ressl": dict(_PAPER, lr=0.3, lr_scaling="none", nesterov=False, schedule="cosine", milestones=(), epochs=100,
+                  batch_size=256),
+    # ReSSL's small-dataset code (CIFAR, STL-10, Tiny-ImageNet) linear_eval.py: Nesterov, lr 0.2, otherwise as above
+    "ressl_small": dict(_PAPER, lr=0.2, lr_scaling="none", nesterov=True, schedule="cosine", milestones=(), epochs=100,
+                        batch_size=256),
+    # WCL's linear_eval.py: Nesterov SGD (no LARS), lr 0.2·B/256 = 3.2 at B 4096, wd 0, cosine per iteration, 80 ep
+    "wcl": dict(_PAPER, lr=0.2, lr_scaling="linear", nesterov=True, schedule="cosine", milestones=(), epochs=80,
+                batch_size=4096),
+    # MoCo's main_lincls.py, which CsMl's main_lincls.py keeps: lr 30, wd 0, batch 256, 100 epochs, ×0.1 at 60 and 80
+    "moco": dict(_PAPER, lr=30.0, lr_scaling="none", nesterov=False, schedule="steps", milestones=(0.6, 0.8),
+                 epochs=100, batch_size=256),
     "simclr": dict(optimizer="sgd", lr=0.1, lr_scaling="linear", momentum=0.9, nesterov=True, weight_decay=1e-6,
-                   schedule="cosine", milestones=(), epochs=90, batch_size=4096, standardize=False),
+                   schedule="cosine", milestones=(), epochs=90, batch_size=4096, standardize=False, augment=True,
+                   crop_scale=(0.08, 1.0)),
+    # tfssl's quick protocol, NOT a paper's: cached unaugmented features, standardised, wd 5e-4 (see below)
     "small": dict(optimizer="sgd", lr=0.3, lr_scaling="linear", momentum=0.9, nesterov=True, weight_decay=5e-4,
-                  schedule="cosine", milestones=(), epochs=100, batch_size=256, standardize=True),
+                  schedule="cosine", milestones=(), epochs=100, batch_size=256, standardize=True, augment=False,
+                  crop_scale=(0.2, 1.0)),
 }
+PRESETS["csml"] = PRESETS["moco"]
 SCHEDULES = ("cosine", "steps", "constant")
 OPTIMIZERS = ("sgd", "lars")
 
@@ -92,10 +112,16 @@ def split_validation(labels, fraction=0.1, seed=0):
 
 # ---------------------------------------------------------------------------------------------------- settings
 
+def settings(preset, **overrides):
+    """The resolved settings of a preset with ``overrides`` (None values keep the preset's)."""
+    return _settings(preset, overrides)
+
+
 def _settings(preset, overrides):
     if preset not in PRESETS:
         raise ValueError(f"unknown linear-probe preset {preset!r}; valid: {', '.join(PRESETS)}")
     s = dict(PRESETS[preset], preset=preset)
+    s["crop_scale"] = tuple(s["crop_scale"])
     s.update({k: v for k, v in overrides.items() if v is not None})
     if s["optimizer"] not in OPTIMIZERS:
         raise ValueError(f"unknown linear-probe optimizer {s['optimizer']!r}; valid: {', '.join(OPTIMIZERS)}")
@@ -339,13 +365,14 @@ def augmented_linear_probe(backbone, train_ds, test_ds, num_classes, views=None,
 
     ``train_ds``/``test_ds``: datasets of (images in [0,1], labels) batches, in a fixed order, as
     ``tfssl.data.eval_pipeline`` makes (``test_ds`` may be None). ``views``: a callable on image batches, by default
-    ``tfssl.views.view("weak", augment_preset, size)`` — random-resized-crop (scale 0.2–1) + horizontal flip, with
-    ``size`` the training images' side. The backbone runs with ``training=False`` throughout: frozen weights,
+    ``tfssl.views.view("weak", augment_preset, size)`` — random-resized-crop (the preset's ``crop_scale``: 0.08–1
+    for the papers) + horizontal flip, with ``size`` the training images' side. The backbone runs with ``training=False`` throughout: frozen weights,
     BatchNorm in inference mode with its moving statistics unchanged.
 
-    Validation and test images are not augmented (the papers' centre-crop test transform is the identity on images
-    already at the training size), so their features are computed once, as are the clean training features that
-    give the standardisation statistics and ``train_top1``. Head, schedule, validation split and the result dict
+    Validation and test images are not augmented: they are already the evaluation view of the source (for
+    fixed-size sources the whole image; for image folders the centre crop of the short-side resize,
+    :mod:`tfssl.data`), so their features are computed once, as are the clean training features that give the
+    standardisation statistics and ``train_top1``. Head, schedule, validation split and the result dict
     are those of :func:`linear_probe`. The augmentation draws from TensorFlow's global RNG: call
     ``keras.utils.set_random_seed`` first for a reproducible run; the split and the shuffle follow ``seed``.
     """
@@ -359,7 +386,7 @@ def augmented_linear_probe(backbone, train_ds, test_ds, num_classes, views=None,
         side = size or images_spec.shape[1]
         if side is None:
             raise ValueError("augmented_linear_probe: the training images have no static size; pass size=")
-        views = make_view("weak", augment_preset, int(side))
+        views = make_view("weak", augment_preset, int(side), scale=s["crop_scale"])
     clean, labels = embed(backbone, train_ds)
     clean, labels = _check(clean, labels, num_classes, "train")
     test = None

@@ -99,10 +99,11 @@ def open_subject(workdir, checkpoint=None, backbone=None, baseline=None, overrid
 
 def features(subject, split):
     """(features, labels) of ``split`` ("train" or "test") through the subject, cached in WORKDIR/eval_cache."""
-    ds = subject.source.train if split == "train" else subject.source.test
+    ds = subject.source.labelled if split == "train" else subject.source.test
     d = subject.cfg.data
     tag = hashlib.sha256(json.dumps([d.name, d.path, d.test_path, d.limit, d.test_limit, d.image_size, d.channels,
-                                     d.seed]).encode()).hexdigest()[:8]
+                                     d.seed, d.crop_size, d.originals, d.eval_split, d.test_split]).encode()
+                         ).hexdigest()[:8]
     return cached_embed(subject.backbone, data.eval_pipeline(ds, subject.cfg.eval.batch_size),
                         os.path.join(subject.workdir, "eval_cache"), f"{subject.key}-{split}-{tag}")
 
@@ -132,17 +133,19 @@ def run_knn(subject):
 
 
 def run_linear(subject, log=None):
-    """Linear probe: cached frozen features (fast path) or augmented views each epoch (``eval.linear_augment``);
-    ``eval.linear_preset`` schedule, ``eval.epochs`` if set, validation split from train."""
+    """Linear probe: ``eval.linear_preset``'s settings — augmented views each epoch (the papers' presets) or cached
+    frozen features (``small``; ``eval.linear_augment`` overrides) — ``eval.epochs`` if set, validation split from
+    train."""
     e, src = subject.cfg.eval, subject.source
     kw = dict(preset=e.linear_preset, epochs=e.epochs, val_fraction=e.val_fraction, seed=e.seed, log=log)
-    if not e.linear_augment:
+    augment = linear.PRESETS[e.linear_preset]["augment"] if e.linear_augment is None else e.linear_augment
+    if not augment:
         return linear.linear_probe(*features(subject, "train"), *features(subject, "test"), src.num_classes, **kw)
     if subject.keras_model is None and "onnx" in subject.origin:
         raise EvalError("eval.linear_augment=true needs a TensorFlow backbone; evaluate the export directory or "
                         "its backbone.keras instead of backbone.onnx")
     keras.utils.set_random_seed(e.seed)
-    return linear.augmented_linear_probe(subject.backbone, data.eval_pipeline(src.train, e.batch_size),
+    return linear.augmented_linear_probe(subject.backbone, data.eval_pipeline(src.labelled, e.batch_size),
                                          data.eval_pipeline(src.test, e.batch_size), src.num_classes,
                                          augment_preset=subject.cfg.augment.preset, size=subject.cfg.augment.size,
                                          **kw)
@@ -164,12 +167,12 @@ def run_semi(subject, log=None):
     test = data.eval_pipeline(src.test, e.batch_size)
     out = {}
     for fraction in e.semi_fractions:
-        images, labels = semi.labelled_subset(src.train, fraction, e.seed)
+        images, labels = semi.labelled_subset(src.labelled, fraction, e.seed)
         kw = dict(augment=augment, epochs=semi_epochs(fraction, e.epochs), batch_size=e.semi_batch_size,
                   head_lr=e.semi_head_lr, backbone_lr=e.semi_head_lr * e.semi_backbone_ratio,
                   weight_decay=e.semi_weight_decay, seed=e.seed, log=log)
         if e.pseudo_label:
-            res = semi.pseudo_label_finetune(subject.keras_model, images, labels, src.train, test,
+            res = semi.pseudo_label_finetune(subject.keras_model, images, labels, src.labelled, test,
                                              src.num_classes, fraction, entropy=e.pseudo_entropy, **kw)
         else:
             res = semi.finetune(subject.keras_model, images, labels, test, src.num_classes, **kw)

@@ -23,7 +23,7 @@ import tensorflow as tf
 from tfssl import data, devices, distribute, pipeline, rng
 from tfssl.backbones import build_backbone, build_mlp, feature_dim
 from tfssl.methods.keras_native import KerasNative
-from tfssl.optim import SGD, SkipNonFinite
+from tfssl.optim import SGD, SkipNonFinite, excluded
 
 
 def normalize(x):
@@ -53,7 +53,8 @@ class SSLMethod(KerasNative, distribute.MultiWorkerFit, keras.Model):
         self.steps_per_epoch = int(steps_per_epoch or self.total_steps)
         self.views = views
         self._bb_args = dict(name=model_cfg.backbone, cifar_stem=model_cfg.cifar_stem, width=model_cfg.width,
-                             sync_bn=model_cfg.sync_bn, channels=channels, mean=mean, std=std)
+                             sync_bn=model_cfg.sync_bn, channels=channels, mean=mean, std=std,
+                             stem_pool=model_cfg.stem_pool)
         self.feature_dim = feature_dim(model_cfg.backbone, model_cfg.width)
         self.backbone = build_backbone(model_name="backbone", **self._bb_args)
         self.projector = self.make_projector("projector")
@@ -161,11 +162,19 @@ class SSLMethod(KerasNative, distribute.MultiWorkerFit, keras.Model):
         int64 variable set at every epoch start), views made in the pipeline unless on the device. A source
         without random access (large TFDS) gets an endless stream instead (:func:`tfssl.pipeline.stream_pipeline`)."""
         pipeline_views = None if cfg.augment.on_device else views
-        try:
-            data.indexed(source)
-        except data.DataError:
+        if source.originals and source.lookup_original is None:      # originals without random access (TFDS)
+            if pipeline_views is None:
+                raise data.DataError(f"{source.name}: views on the device need images of one size, but this source "
+                                     f"crops its originals in the input pipeline; set augment.on_device=false")
             return pipeline.stream_pipeline(source.train, cfg.train.batch_size, steps, epoch, pipeline_views,
-                                        seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+                                            seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                                            originals_ds=source.train_original)
+        if not source.originals:
+            try:
+                data.indexed(source)
+            except data.DataError:
+                return pipeline.stream_pipeline(source.train, cfg.train.batch_size, steps, epoch, pipeline_views,
+                                                seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer)
         return pipeline.epoch_pipeline(source, cfg.train.batch_size, steps, epoch, pipeline_views, seed=cfg.data.seed)
 
     def job_callbacks(self, source, cfg, log=print):
@@ -199,7 +208,8 @@ class SSLMethod(KerasNative, distribute.MultiWorkerFit, keras.Model):
             self.optimizer = SkipNonFinite(self.optimizer)      # (mixed_float16's loss scaling already skips)
         if getattr(self.optimizer, "weight_decay", None) and not isinstance(self.optimizer, SGD):
             # Keras optimizers (e.g. Lamb) decay every variable: exempt BN parameters and biases, as tfssl's own do
-            self.optimizer.exclude_from_weight_decay(var_list=[v for v in self.student_variables if len(v.shape) <= 1])
+            kinds = getattr(self.optimizer, "tfssl_wd_exclude", ("bn", "bias"))
+            self.optimizer.exclude_from_weight_decay(var_list=[v for v in self.student_variables if excluded(v, kinds)])
         self.optimizer.build(self.student_variables)
         self.probe_optimizer = probe_optimizer or SGD(0.1, momentum=0.9, name="probe_sgd")
         if self.on_nan == "skip":

@@ -147,7 +147,8 @@ class CsMl(SSLMethod):
     def job_callbacks(self, source, cfg, log=print):
         """The :class:`tfssl.mining.NeighbourMiner` (it mines at epoch starts, before the epoch's batches are read)."""
         from tfssl.mining import NeighbourMiner
-        p, side, size = self.params, cfg.data.image_size, cfg.augment.size
+        p, size = self.params, cfg.augment.size
+        side = source.train.element_spec["image"].shape[0] or size   # originals: already the evaluation view
         images = data.eval_pipeline(source.train, 256)
         if side > size:                                  # the centre view: a size×size centre crop (ImageNet 224/256)
             images = images.map(lambda x, y: (x[:, (side - size) // 2:(side - size) // 2 + size,
