@@ -143,10 +143,11 @@ def torch_modules():
     class Step:
         """One method's model, teacher, queue, optimizers and ``step(views, labels)`` (same order as tfssl)."""
 
-        def __init__(self, method, backbone, width, hidden, dim, queue_size, lr, num_classes, hp):
-            self.method, self.hp = method, hp
+        def __init__(self, method, backbone, width, hidden, dim, queue_size, lr, num_classes, hp, channels=3,
+                     mean=0.5, std=0.5, weight_decay=5e-4, momentum=0.9, autocast=None):
+            self.method, self.hp, self.autocast = method, hp, autocast     # autocast: None or torch.bfloat16
             head = flops.METHOD_SHAPES[method]["head"]
-            self.backbone = ResNet(backbone, width=width)
+            self.backbone = ResNet(backbone, width=width, channels=channels, mean=mean, std=std)
             feat = self.backbone.feature_dim
             if head == "wcl":
                 make_heads = lambda: nn.ModuleList([MLP(feat, [hidden, hidden, dim], True),  # noqa
@@ -157,7 +158,8 @@ def torch_modules():
             self.student = nn.ModuleList([self.backbone, self.heads])
             self.teacher = None
             if flops.METHOD_SHAPES[method]["teacher"]:
-                self.teacher = nn.ModuleList([ResNet(backbone, width=width), make_heads()])
+                self.teacher = nn.ModuleList([ResNet(backbone, width=width, channels=channels, mean=mean, std=std),
+                                              make_heads()])
                 self.teacher.load_state_dict(self.student.state_dict())
                 for p in self.teacher.parameters():
                     p.requires_grad_(False)
@@ -166,9 +168,9 @@ def torch_modules():
                 self.queue = F.normalize(torch.randn(queue_size, dim), dim=1)
                 self.ptr = 0
             params = list(self.student.parameters())
-            self.opt = torch.optim.SGD([{"params": [p for p in params if p.dim() > 1], "weight_decay": 5e-4},
+            self.opt = torch.optim.SGD([{"params": [p for p in params if p.dim() > 1], "weight_decay": weight_decay},
                                         {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}],
-                                       lr=lr, momentum=0.9)
+                                       lr=lr, momentum=momentum)
             self.probe = nn.Linear(feat, num_classes)
             self.probe_opt = torch.optim.SGD(self.probe.parameters(), lr=0.1, momentum=0.9)
             self.student.train()
@@ -231,7 +233,13 @@ def torch_modules():
                     m = self.hp["momentum"]
                     torch._foreach_mul_(self.pairs[0], m)
                     torch._foreach_add_(self.pairs[0], self.pairs[1], alpha=1 - m)
-            loss, features, keys = self.loss(views)
+            if self.autocast is not None:                 # mixed precision as tfssl's mixed_bfloat16: 16-bit layers,
+                with torch.autocast("cpu", dtype=self.autocast):      # float32 weights; losses in float32
+                    loss, features, keys = self.loss(views)
+                loss, features = loss.float(), features.float()
+                keys = keys.float() if keys is not None else None
+            else:
+                loss, features, keys = self.loss(views)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()

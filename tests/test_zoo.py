@@ -99,3 +99,36 @@ def test_shipped_manifest_is_valid():
     for name, e in data["models"].items():
         assert e["name"] == name and e["files"] and all(len(m["sha256"]) == 64 for m in e["files"].values())
         assert {"method", "backbone", "dataset"} <= set(e["training"]) and e["location"]
+
+
+def test_every_shipped_backbone_loads_by_name_and_reproduces_its_recorded_features():
+    """The Fashion-MNIST backbones kept under export/models/ load by name on a fresh clone (no network), their files
+    match the manifest's hashes, and every format computes the features recorded when they were exported."""
+    shipped = {n: e for n, e in zoo.read_manifest()["models"].items() if e["location"].startswith("models/")}
+    assert shipped, "export/zoo.json lists no backbone shipped under export/models/"
+    for name, e in shipped.items():
+        root = os.path.join(os.path.dirname(zoo.MANIFEST), e["location"])
+        assert all(m["bytes"] < 2 << 20 for m in e["files"].values()), name     # every shipped file under 2 MB
+        assert zoo.verify(root, name) == name
+        errors = zoo.check_parity(name)
+        assert set(errors) >= {"keras", "savedmodel_serve", "savedmodel_uint8", "onnx"} and max(errors.values()) < 1e-4
+        model = zoo.load(name, trainable=False)
+        assert model.outputs[0].shape[-1] == e["output"]["features"][1]
+
+
+def test_check_parity_catches_a_changed_file(exported, tmp_path, monkeypatch):
+    import shutil
+    _, out = exported
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    manifest = str(tmp_path / "zoo.json")
+    zoo.add(copy, "tiny_copy", manifest)
+    assert zoo.check_parity("tiny_copy", manifest)["keras"] < 1e-5
+    with np.load(os.path.join(copy, "parity.npz")) as f:
+        images, features = f["images"], f["features"]
+    np.savez_compressed(os.path.join(copy, "parity.npz"), images=images, features=features * 1.01)
+    with pytest.raises(zoo.ZooError, match="does not match the manifest"):   # the hashes are checked first
+        zoo.check_parity("tiny_copy", manifest)
+    monkeypatch.setattr(zoo, "_check_files", lambda root, files: [])        # and the features on their own
+    with pytest.raises(zoo.ZooError, match="keras backbone's features differ"):
+        zoo.check_parity("tiny_copy", manifest)

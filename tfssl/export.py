@@ -13,7 +13,9 @@ failure (bad target, converter error, parity above 1e-4) leaves nothing behind. 
   ``serve`` / ``serve_train``.
 * ``backbone.onnx`` (tf2onnx): ``images`` float32 [batch, height, width, C] in [0, 1] → ``features``.
 * ``backbone.keras``: stock Keras layers only, loads with ``keras.saving.load_model(path)``.
-* ``model_card.json`` and ``README.md``: summary.json facts, input spec, parity, sizes and SHA-256 of every file.
+* ``model_card.json`` and ``README.md``: summary.json facts, input spec, parity, sizes and SHA-256 of every file;
+  ``parity.npz``: the real sample images of the parity check (uint8) and the Keras backbone's features of them, so
+  that a downloaded (or shipped) export can be checked against what it computed when it was made.
 
 N, H and W are free everywhere; normalisation (dataset mean/std) is the backbone's first layer, so inputs are raw.
 """
@@ -286,6 +288,10 @@ def export_backbone(backbone, out_dir, formats=FORMATS, input_size=32, channels=
                 raise ExportError(f"ONNX conversion failed (opset {opset}): {type(e).__name__}: {_first_line(e)}; try "
                                   f"another opset or leave onnx out of the formats") from e
         parity = _parity(backbone, plain, tmp, formats, batches)
+        reference = batches[-1]                     # the real samples when given, else the odd-size random batch
+        feats = backbone(reference.astype(np.float32) / 255.0, training=False)
+        np.savez_compressed(os.path.join(tmp, "parity.npz"), images=reference,
+                            features=np.asarray(feats[0] if isinstance(feats, (list, tuple)) else feats, np.float32))
         worst = {k: v for k, v in parity.items() if not v["max_rel"] <= PARITY_RTOL}
         if worst:
             raise ExportError(f"exported model differs from the Keras backbone beyond {PARITY_RTOL} relative: "

@@ -134,6 +134,40 @@ def _resolve(name_or_path, manifest):
     return root
 
 
+def check_parity(name_or_path, manifest=MANIFEST, rtol=1e-4):
+    """Run every format of a zoo backbone (``.keras``, SavedModel ``serve`` / ``serving_default``, ONNX) on the
+    export's recorded parity images and compare with the features recorded at export time; returns {format: max
+    relative error}; ZooError above ``rtol`` (a corrupt or mismatched download)."""
+    import numpy as np
+    root = _resolve(name_or_path, manifest)
+    path = os.path.join(root, "parity.npz")
+    if not os.path.isfile(path):
+        raise ZooError(f"{root} has no parity.npz (exported before tfssl recorded parity images); export it again")
+    with np.load(path) as f:
+        images, want = f["images"], f["features"]
+    x = images.astype(np.float32) / 255.0
+    runs = {}
+    if os.path.isfile(os.path.join(root, "backbone.keras")):
+        runs["keras"] = lambda: load(root)(x, training=False)
+    if os.path.isdir(os.path.join(root, "saved_model")):
+        import tensorflow as tf
+        sm = tf.saved_model.load(os.path.join(root, "saved_model"))
+        runs["savedmodel_serve"] = lambda: sm.serve(tf.constant(x))
+        runs["savedmodel_uint8"] = lambda: sm.signatures["serving_default"](images=tf.constant(images))["features"]
+    if os.path.isfile(os.path.join(root, "backbone.onnx")):
+        import onnxruntime as ort
+        session = ort.InferenceSession(os.path.join(root, "backbone.onnx"), providers=["CPUExecutionProvider"])
+        runs["onnx"] = lambda: session.run(["features"], {"images": x})[0]
+    errors = {}
+    for fmt, run in runs.items():
+        got = np.asarray(run(), np.float64)
+        errors[fmt] = float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-12))
+        if not errors[fmt] <= rtol:
+            raise ZooError(f"{root}: the {fmt} backbone's features differ from the recorded ones by {errors[fmt]:.1e} "
+                           f"(relative); the files are corrupt or of another export")
+    return errors
+
+
 def load(name_or_path, trainable=True, manifest=MANIFEST):
     """A zoo backbone as a Keras model (a layer): float images [N, H, W, C] in [0, 1] → pooled features.
 
