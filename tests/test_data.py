@@ -508,7 +508,8 @@ def test_folder_crops_keep_the_original_aspect(tmp_path):
     n, scale = 4096, (0.2, 1.0)
     crop = lambda s: V.crop_original(image, 16, scale, (3 / 4, 4 / 3), s)          # noqa: E731
     seeds = tf.stack([tf.zeros(n, tf.int64), tf.range(n, dtype=tf.int64)], 1)
-    out = tf.map_fn(crop, seeds, fn_output_signature=tf.TensorSpec([16, 16, 3], tf.float32)).numpy()
+    out = tf.function(lambda s: tf.map_fn(crop, s, fn_output_signature=tf.TensorSpec([16, 16, 3], tf.float32)))(
+        seeds).numpy()                                  # one graph: an eager map_fn is a Python loop (1 min)
     assert out.shape == (n, 16, 16, 3) and out.min() >= 0 and out.max() <= 1
     # the box in pixels of the original, read off the coordinate channels (centres of the first/last output pixels)
     width = (out[:, 0, -1, 0] - out[:, 0, 0, 0]) * 269 * 16 / 15

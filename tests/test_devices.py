@@ -60,6 +60,16 @@ def test_multi_worker_on_a_cpu_runs_without_xla():
     assert plan(KINDS["a100"], True, "auto", "float32", multi_worker=True).jit
 
 
+def test_deterministic_ops_rule_out_xla_as_keras_does():
+    """Keras's compile() drops XLA while TensorFlow's deterministic ops are on: the plan says so instead of
+    printing an XLA step that never runs, and an explicit jit_compile=true is one clear error."""
+    for kind in ("avx2", "tpu"):
+        p = plan(KINDS[kind], "auto", "auto", "float32", deterministic=True)
+        assert not p.jit and "train.deterministic" in p.reasons["jit"] and p.batch_norm != "closed_form"
+    with pytest.raises(ValueError, match="train.deterministic=true and train.jit_compile=true"):
+        plan(KINDS["avx2"], True, "auto", "float32", deterministic=True)
+
+
 def test_avx2_emulation_caps_the_flags():
     assert cap_flags(AVX512_BF16, "AVX2") == AVX2
     assert cap_flags(AVX512_BF16, "avx512_core") == AVX512

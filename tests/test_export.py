@@ -208,7 +208,7 @@ def test_non_empty_target_needs_overwrite_and_overwrite_replaces_only_exports(tm
     (out / "keep.txt").unlink()                                         # an empty directory is a fine target
     export_backbone(backbone, str(out), formats=("keras",))
     card = export_backbone(build_backbone("tiny", with_stage3=True), str(out), formats=("keras",), overwrite=True)
-    assert sorted(os.listdir(out)) == ["README.md", "backbone.keras", "model_card.json"]
+    assert sorted(os.listdir(out)) == ["README.md", "backbone.keras", "model_card.json", "parity.npz"]
     assert card["output"]["features"] == [None, 64]                    # the pooled output only
     assert json.load(open(out / "model_card.json"))["files"] == card["files"]
     assert set(card["parity"]) == {"keras_plain", "keras"} and not leftovers(tmp_path)

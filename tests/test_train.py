@@ -17,12 +17,16 @@ QUICK = ["data.limit=384", "data.test_limit=256", "train.epochs=1", "train.batch
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["ressl_fashion_mnist", "simclr_fashion_mnist", "mocov2_fashion_mnist",
-                                    "wcl_fashion_mnist"])
+                                    "wcl_fashion_mnist", "csml_fashion_mnist"])
 def test_recipe_short_run(recipe, tmp_path):
-    cfg = config.load(recipe, QUICK + (["method.queue_size=512"] if recipe.split("_")[0] in ("ressl", "mocov2")
+    """Each recipe trains to the end with its views made on the device inside the XLA step (the GPU/TPU setup)."""
+    quick = [o for o in QUICK if o != "train.jit_compile=false"] + ["augment.on_device=true", "train.jit_compile=true"]
+    cfg = config.load(recipe, quick + (["method.queue_size=512"] if recipe.split("_")[0] in ("ressl", "mocov2", "csml")
                                        else []))
-    summary = pretrain(cfg, str(tmp_path), log=lambda *_: None)
-    assert np.isfinite(summary["final_loss"])
+    lines = []
+    summary = pretrain(cfg, str(tmp_path), log=lines.append)
+    assert any(line.startswith("train step: XLA") for line in lines), lines
+    assert summary["train_plan"]["jit"] and np.isfinite(summary["final_loss"])
     assert summary["steps"] == 384 // 64 and summary["epochs"] == 1 and summary["replicas"] == 1
     for key in ("knn_top1", "probe_top1", "images_per_second", "wall_seconds"):
         assert summary[key] is not None and summary[key] >= 0
@@ -76,12 +80,28 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert "larger than the 10 training images" in capsys.readouterr().err
     assert cli.main(["pretrain", "--workdir", str(tmp_path), "--set", "distribute.strategy=multi_worker"]) == 2
     assert "needs the TF_CONFIG environment variable" in capsys.readouterr().err
+    assert cli.main(["pretrain", "--workdir", str(tmp_path), "--set", "train.deterministic=true",
+                     "--set", "train.jit_compile=true"]) == 2
+    assert "Keras compiles no XLA step under TensorFlow's deterministic ops" in capsys.readouterr().err
     assert not os.listdir(tmp_path)                           # failed runs leave nothing behind
     assert cli.main(["export", "--workdir", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "no config.yaml" in capsys.readouterr().err
     assert cli.main(["zoo", "verify", str(tmp_path / "missing.onnx"), "--manifest", str(tmp_path / "z.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not os.listdir(tmp_path)
+
+
+def test_a_deterministic_run_leaves_the_process_as_it_found_it(tmp_path):
+    """train.deterministic turns TensorFlow's deterministic ops on for the run only: afterwards Keras compiles
+    XLA steps again in the same process (the flag is process-wide and made later XLA runs silently graph runs)."""
+    from tensorflow.python.framework import config as tf_config
+    cfg = config.load("ressl_fashion_mnist", QUICK[:3] + ["train.batch_size=128", "train.verbose=0",
+                                                          "train.deterministic=true", "model.projector_hidden=32",
+                                                          "method.queue_size=256", "eval.knn_train_limit=128"])
+    lines = []
+    pretrain(cfg, str(tmp_path), log=lines.append)
+    assert any("train.deterministic" in line for line in lines if line.startswith("train step:"))
+    assert not tf_config.is_op_determinism_enabled()
 
 
 def test_preview_writes_a_real_png(tmp_path):

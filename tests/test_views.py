@@ -346,6 +346,11 @@ def test_new_crop_has_the_distribution_of_the_old_one(fmnist_image, scale):
     # the same boxes give the same pixels as crop_and_resize (bilinear on its sampling grid)
     same = tf.image.crop_and_resize(images[:64], tf.stack([y0, x0, y0 + h, x0 + w], 1)[:64], tf.range(64), [24, 24])
     np.testing.assert_allclose(new[:64].numpy(), same.numpy(), atol=2e-5)
+    # and so do the matmuls that replace it under XLA (the on-device path)
+    from tfssl.view_ops import resize_boxes
+    xla = tf.function(lambda x, *box: resize_boxes(x, *box, 24), jit_compile=True)(
+        images[:64], y0[:64], x0[:64], h[:64], w[:64])
+    np.testing.assert_allclose(xla.numpy(), same.numpy(), atol=2e-5)
 
 
 def test_flip_and_colour_statistics_match_the_stateful_draws(fmnist_image):

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
-from tfssl import methods
+from tfssl import methods, view_ops
 from tfssl.optim import SGD
 from helpers import B, CASES, case_views as _views
 
@@ -35,7 +35,7 @@ XLA_CASES = [("device", *CASES[i]) for i in (0, 1, 2, 4, 6, 8)] + [("pipeline", 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("feed,name,params", XLA_CASES, ids=lambda x: str(x))
-def test_whole_train_step_compiles_with_xla_and_matches_the_graph_step(feed, name, params):
+def test_whole_train_step_compiles_with_xla_and_matches_the_graph_step(feed, name, params, monkeypatch):
     """Every method's whole step — views made on the device (random crops, colour, blur; CsMl's pairs and CutMix),
     EMA, teacher, loss, optimizer, queue, probe, metrics — compiles with XLA (the TPU requirement: no host
     round-trips, static shapes) and computes the same step as the graph without XLA from the same seed and state:
@@ -43,6 +43,10 @@ def test_whole_train_step_compiles_with_xla_and_matches_the_graph_step(feed, nam
     keras.utils.set_random_seed(0)
     cfg = tiny_config(name, **params)
     on_device = feed == "device"
+    # the graph step resamples crops with the XLA kernel's matmuls too (outside XLA tfssl uses crop_and_resize, equal
+    # to float32 rounding: test_views): this test compares the steps, and WCL's graph and KNN-crop choice are
+    # discrete, so a rounding-level difference in a view can flip an edge and move a few weights by 3e-3
+    monkeypatch.setattr(view_ops, "in_xla", lambda: True)
     models = []
     for _ in range(2):
         with tf.distribute.get_strategy().scope():

@@ -130,9 +130,15 @@ class Plan:
         return asdict(self)
 
 
-def _jit(device, setting, multi_worker):
+def _jit(device, setting, multi_worker, deterministic=False):
     if multi_worker and device.kind == "cpu":
         return False, "multi-worker on CPU: XLA:CPU has no collectives"
+    if deterministic:          # Keras's compile() silently drops XLA while TensorFlow's deterministic ops are on
+        if setting is True:
+            raise ValueError("train.deterministic=true and train.jit_compile=true: Keras compiles no XLA step under "
+                             "TensorFlow's deterministic ops; set train.jit_compile=auto (or false) or "
+                             "train.deterministic=false")
+        return False, "train.deterministic: Keras runs no XLA under deterministic ops"
     if setting != "auto":
         return bool(setting), "train.jit_compile"
     if device.kind == "tpu":
@@ -177,9 +183,11 @@ def _precision(device, setting):
     return "float32", "auto: CPU without bf16 arithmetic"
 
 
-def plan(device: Device, jit_compile="auto", kernels="auto", precision="float32", multi_worker=False) -> Plan:
-    """The :class:`Plan` for ``device`` and the recipe's settings (see the module docstring for ``auto``)."""
-    jit, why_jit = _jit(device, jit_compile, multi_worker)
+def plan(device: Device, jit_compile="auto", kernels="auto", precision="float32", multi_worker=False,
+         deterministic=False) -> Plan:
+    """The :class:`Plan` for ``device`` and the recipe's settings (see the module docstring for ``auto``);
+    ``deterministic`` (TensorFlow's deterministic ops) rules XLA out, as Keras does."""
+    jit, why_jit = _jit(device, jit_compile, multi_worker, deterministic)
     conv, chunk, bn, why_kernels = _kernels(device, kernels, jit)
     prec, why_prec = _precision(device, precision)
     return Plan(device.describe(), jit, conv, chunk, bn, prec,

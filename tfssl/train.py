@@ -51,9 +51,23 @@ def plan_steps(cfg, num_train):
 
 def pretrain(cfg: config.Config, workdir: str, log=print):
     """Run the pretraining described by ``cfg`` and return the summary dict (also written to summary.json)."""
+    from tensorflow.python.framework import config as tf_config    # no public way to read or undo the flag
+    if cfg.train.deterministic and cfg.train.jit_compile is True:
+        raise config.ConfigError("train.deterministic=true and train.jit_compile=true: Keras compiles no XLA step "
+                                 "under TensorFlow's deterministic ops; set train.jit_compile=auto (or false) or "
+                                 "train.deterministic=false")
     keras.utils.set_random_seed(cfg.train.seed)
+    was_deterministic = tf_config.is_op_determinism_enabled()
     if cfg.train.deterministic:
         tf.config.experimental.enable_op_determinism()
+    try:                                     # the flag is process-wide: a later run in this process starts clean
+        return _pretrain(cfg, workdir, log)
+    finally:
+        if cfg.train.deterministic and not was_deterministic:
+            tf_config.disable_op_determinism()
+
+
+def _pretrain(cfg, workdir, log):
     strategy = distribute.make_strategy(cfg.distribute)
     replicas = strategy.num_replicas_in_sync
     if cfg.train.batch_size % replicas:
@@ -114,6 +128,7 @@ def _fit(cfg, workdir, log, strategy, source, steps, total, views, backup_dir, c
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         batches = batches.with_options(options)
 
+    job_cbs = model.job_callbacks(source, cfg, log)   # before job_state: CsMl's miner holds its history
     host_variables, job_state = model.job_state()
     backup = resume.Backup(backup_dir, cfg.to_dict(), host_variables, job_state, write=chief, log=log)
     initial_epoch, records = backup.restore(model) if cfg.train.resume else (0, {})
@@ -131,7 +146,7 @@ def _fit(cfg, workdir, log, strategy, source, steps, total, views, backup_dir, c
     cbs = [callbacks.EpochVariable(epoch), timer, callbacks.StopOnNonFinite(cfg.train.on_nan == "skip", log)]
     if cfg.train.max_minutes is not None:
         cbs.append(callbacks.TimeBudget(cfg.train.max_minutes, timer, log))
-    cbs += model.job_callbacks(source, cfg, log)
+    cbs += job_cbs
     knn = None
     if source.test is not None and source.num_classes:
         bank = source.labelled.take(cfg.eval.knn_train_limit) if cfg.eval.knn_train_limit else source.labelled
@@ -167,6 +182,7 @@ def _fit(cfg, workdir, log, strategy, source, steps, total, views, backup_dir, c
         knn_top1=figures.get("knn_top1"), knn_top5=figures.get("knn_top5"), probe_top1=figures.get("probe_top1"),
         probe_train_top1=figures.get("probe_acc"), final_loss=figures.get("loss"),
         history={k: [float(x) for x in v] for k, v in history.items()}, resumed_from_epoch=backup.restored_epoch,
-        checkpoint=checkpoint.path, train_plan=plan.as_dict(), **model.job_summary(), versions={"tfssl": __version__, "tensorflow": tf.__version__,
-                                              "keras": keras.__version__, "python": platform.python_version()})
+        checkpoint=checkpoint.path, train_plan=plan.as_dict(), **model.job_summary(),
+        versions={"tfssl": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
+                  "python": platform.python_version()})
     return summary
