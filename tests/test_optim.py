@@ -138,6 +138,37 @@ def test_weight_decay_scope_follows_wd_exclude(cls, exclude, decayed):
     assert cls(0.1, wd_exclude=exclude).get_config()["wd_exclude"] == list(exclude)
 
 
+@pytest.mark.parametrize("make", [lambda: optim.SGD(0.1, momentum=0.9, weight_decay=0.5),
+                                  lambda: optim.LARS(0.1, momentum=0.9, weight_decay=0.5, trust_coefficient=0.01)],
+                         ids=["sgd", "lars"])
+def test_weight_decay_scope_holds_on_every_replica(make, mirrored):
+    """Under a strategy the update sees each replica's own component of a mirrored variable ("gamma/replica_1:0");
+    the scope must still be the variable's, or the copies of an excluded variable drift apart (found by the
+    launch-local test: replica 1's BatchNorm γ/β were decayed). Zero gradients, one step on 2 replicas: every copy
+    equals the single-device update."""
+    names = ["kernel", "gamma", "beta", "bias"]
+    rng = np.random.default_rng(4)
+    params = [rng.standard_normal(s).astype(np.float32) + 2.0 for s in [(3, 4), (4,), (4,), (4,)]]
+    want = _run(make(), params, [[np.zeros_like(p) for p in params]], names)
+    with mirrored.scope():
+        variables = [keras.Variable(p, dtype="float32", name=n) for p, n in zip(params, names)]
+        opt = make()
+        opt.build(variables)
+
+    @tf.function
+    def step():
+        def fn():
+            opt.apply_gradients([(tf.zeros_like(v.value), v) for v in variables])
+        mirrored.run(fn)
+    step()
+    for name, v, w, before in zip(names, variables, want, params):
+        copies = [c.numpy() for c in mirrored.experimental_local_results(v.value)]
+        assert len(copies) == 2
+        for copy in copies:
+            np.testing.assert_allclose(copy, w, rtol=1e-6, err_msg=name)
+    assert not np.allclose(want[0], params[0]) and np.array_equal(want[1], params[1])
+
+
 def test_build_optimizer_passes_the_recipe_scope():
     from tfssl import config
     for sets, scope in (([], ("bn", "bias")), (["train.wd_exclude=[]"], ())):

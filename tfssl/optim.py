@@ -39,10 +39,16 @@ class SGD(keras.optimizers.Optimizer):
             return
         super().build(variables)
         self.velocities = [self.add_variable_from_reference(v, "velocity") for v in variables]
+        # the scope is decided here, on the Keras variables: under a strategy update_step sees each replica's
+        # component, whose name ("gamma/replica_1:0") no longer tells what the variable is
+        self._decayed = [not excluded(v, self.wd_exclude) for v in variables]
+
+    def _is_decayed(self, variable):
+        return self._decayed[self._get_variable_index(variable)]
 
     def _direction(self, gradient, variable, lr):
         """The step before the learning rate; LARS rescales it."""
-        if self.l2 and not excluded(variable, self.wd_exclude):
+        if self.l2 and self._is_decayed(variable):
             gradient = gradient + self.l2 * variable
         return gradient
 
@@ -70,7 +76,7 @@ class LARS(SGD):
 
     def _direction(self, gradient, variable, lr):
         d = super()._direction(gradient, variable, lr)
-        if excluded(variable, self.wd_exclude):
+        if not self._is_decayed(variable):
             return d
         w_norm, d_norm = ops.norm(ops.reshape(variable, [-1])), ops.norm(ops.reshape(d, [-1]))
         trust = ops.where((w_norm > 0) & (d_norm > 0), self.trust_coefficient * w_norm / d_norm, 1.0)
