@@ -35,6 +35,8 @@ sys.path.insert(0, ROOT)
 
 METHODS = ("ressl", "wcl", "csml", "simclr", "mocov2")
 PROTOCOLS = ("knn", "linear", "semi")
+SUBJECTS = ("trained", "random_init", "pixels")
+SUBJECTS_KIND = {"trained": "checkpoint", "random_init": "random_init", "pixels": "pixels"}
 QUICK = ["data.limit=2048", "data.test_limit=1000", "train.epochs=1", "eval.knn_train_limit=2048",
          "eval.epochs=3", "eval.semi_fractions=[0.05]", "train.knn_every=1"]
 FULL = ["data.limit=null", "data.test_limit=null", "eval.knn_train_limit=null"]
@@ -54,6 +56,7 @@ def command(method, args):
     parts = ["python bench/quality.py", f"--methods {method}"] + (["--quick"] if args.quick else [])
     parts += [f"--minutes {args.minutes:g}"] if args.minutes else []
     parts += [f"--set {s}" for s in args.set or []]
+    parts += [f"--protocols {','.join(args.protocols)}"] if tuple(args.protocols) != PROTOCOLS else []
     return " ".join(parts)
 
 
@@ -64,13 +67,14 @@ def pretrain(method, workdir, args, log):
     return train.pretrain(config.load(f"{method}_fashion_mnist", sets), workdir, log=log)
 
 
-def evaluate(workdir, subject_kind, log):
-    """Run the missing protocols on one subject (checkpoint | random_init | pixels); returns summary["eval"]."""
+def evaluate(workdir, subject_kind, log, wanted=PROTOCOLS):
+    """Run the missing protocols of ``wanted`` on one subject (checkpoint | random_init | pixels); returns
+    summary["eval"]."""
     from tfssl.eval import protocols
     name = "checkpoint" if subject_kind == "checkpoint" else subject_kind
     path = os.path.join(workdir, "summary.json")
     have = json.load(open(path)).get("eval", {}) if os.path.isfile(path) else {}
-    missing = [p for p in PROTOCOLS if name not in have.get(p, {})]
+    missing = [p for p in wanted if name not in have.get(p, {})]
     if not missing:
         return have
     subject = protocols.open_subject(workdir, baseline=None if subject_kind == "checkpoint" else subject_kind)
@@ -152,11 +156,17 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: 2048 images, 1 epoch, short protocols")
     p.add_argument("--out", default=None, help="output directory (default runs/quality or runs/quality_quick)")
     p.add_argument("--set", action="append", default=[], help="extra recipe override for every method")
+    p.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma list of " + ",".join(PROTOCOLS))
+    p.add_argument("--subjects", default=",".join(SUBJECTS), help="comma list of " + ",".join(SUBJECTS) +
+                   " (a recipe trial: --subjects trained --protocols knn,linear)")
     args = p.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        p.error(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    methods, args.protocols, subjects = ([x.strip() for x in text.split(",") if x.strip()]
+                                         for text in (args.methods, args.protocols, args.subjects))
+    for given, valid, what in ((methods, METHODS, "method"), (args.protocols, PROTOCOLS, "protocol"),
+                               (subjects, SUBJECTS, "subject")):
+        bad = [x for x in given if x not in valid]
+        if bad or not given:
+            p.error(f"unknown or no {what}(s) {bad}; choose from {', '.join(valid)}")
     out = args.out or os.path.join("runs", "quality_quick" if args.quick else "quality")
     os.makedirs(out, exist_ok=True)
     import tensorflow as tf
@@ -168,8 +178,8 @@ def main(argv=None):
         summary = pretrain(method, workdir, args, log)
         log(f"quality: {method} pretrained: {summary['epochs_done']} epochs, {summary['train_seconds'] / 60:.1f} "
             f"training minutes ({time.perf_counter() - t:.0f} s in this call)")
-        for subject in ("checkpoint", "random_init", "pixels"):
-            evals = evaluate(workdir, subject, log)
+        for subject in (SUBJECTS_KIND[s] for s in subjects):
+            evals = evaluate(workdir, subject, log, args.protocols)
             r = row(evals, subject)
             r.update(method=method, subject={"checkpoint": "trained"}.get(subject, subject),
                      command=command(method, args))

@@ -1,6 +1,8 @@
 """tfssl.methods.keras_native and the Keras side of views and exports: every method saves and loads as ``.keras``
 and trains on identically; ModelCheckpoint, evaluate and export work; view layers (and foreign Keras / keras-cv
 layers in a recipe) serialise; the SavedModel serves Keras 3's TFSMLayer (inference and fine-tuning) and TF Hub."""
+import dataclasses
+import json
 import os
 import zipfile
 
@@ -50,6 +52,7 @@ def test_save_load_then_one_step_equals_the_original(name, params, tmp_path):
         assert f'"class_name": "{type(model).__name__}"' in z.read("config.json").decode()
     loaded = keras.saving.load_model(path)
     assert type(loaded) is type(model) and loaded.get_config() == model.get_config()
+    assert loaded.get_config()["augment"] == dataclasses.asdict(cfg.augment)    # the recipe's augment section
     for a, b, v in zip(model.get_weights(), loaded.get_weights(), model.weights):
         np.testing.assert_array_equal(a, b, err_msg=v.path)
     for a, b in zip(_optimizer_state(model), _optimizer_state(loaded)):
@@ -88,8 +91,11 @@ def test_evaluate_reports_the_probe_and_says_what_it_needs():
     assert abs(result["probe_acc"] - np.mean(logits.argmax(1) == labels)) < 1e-6
     as_dicts = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels}).batch(8)
     assert abs(model.evaluate(as_dicts, verbose=0, return_dict=True)["probe_acc"] - result["probe_acc"]) < 1e-6
-    with pytest.raises(ValueError, match="model.evaluate needs labelled images"):
+    with pytest.raises(ValueError, match="model.evaluate needs labelled images.*have no labels"):
         model.evaluate(tf.data.Dataset.from_tensor_slices(images).batch(8), verbose=0)
+    views = tuple(images.astype("float32") / 255.0 for _ in range(2))
+    with pytest.raises(ValueError, match="training batches of views.*eval_pipeline"):
+        model.evaluate(tf.data.Dataset.from_tensor_slices({"views": views, "label": labels}).batch(8), verbose=0)
 
 
 def test_export_writes_the_backbone_like_tfssl_export(tmp_path):
@@ -165,6 +171,62 @@ def test_a_bad_extra_layer_is_one_clear_error():
         cfg = config.load("ressl_fashion_mnist", ["augment.extra=[" + str(spec).replace("'", '"') + "]"])
         with pytest.raises(config.ConfigError, match=message):
             methods.views_for(cfg)
+
+
+def test_saved_views_load_in_a_fresh_process_that_imported_only_tfssl(tmp_path):
+    """`import tfssl` registers the view layers: a saved keras.Sequential of them (with a Keras core layer through
+    Extra) loads in a new process with no custom_objects and draws what the original draws from the same seeds."""
+    import subprocess
+    import sys
+
+    def make():
+        return keras.Sequential([keras.Input((28, 28, 3)), V.RandomResizedCrop(24, (0.3, 1.0), seed=1),
+                                 V.RandomFlip(seed=2), V.Extra(EXTRA[0])])
+    x = np.random.default_rng(5).uniform(0, 1, (4, 28, 28, 3)).astype("float32")
+    make().save(str(tmp_path / "views.keras"))
+    np.save(tmp_path / "x.npy", x)
+    code = ("import sys, numpy as np, keras, tfssl; m = keras.saving.load_model(sys.argv[1] + '/views.keras'); "
+            "np.save(sys.argv[1] + '/y.npy', np.asarray(m(np.load(sys.argv[1] + '/x.npy')))); "
+            "print(' '.join(type(l).__name__ for l in m.layers))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["RandomResizedCrop", "RandomFlip", "Extra"]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), make()(x).numpy(), atol=1e-6)
+
+
+def test_a_saved_extra_spec_cannot_make_the_loader_call_anything_but_a_keras_layer(tmp_path):
+    """Extra rebuilds its layer from the name stored in the file. In safe mode (load_model's default) only keras and
+    keras_cv classes are looked up; with safe_mode=False the class must still be a Keras layer; in neither case is
+    the named callable called."""
+    path, evil = tmp_path / "views.keras", tmp_path / "evil.keras"
+    keras.Sequential([keras.Input((8, 8, 3)), V.Extra(EXTRA[0])]).save(str(path))
+    marker = tmp_path / "called"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(evil, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "config.json":
+                cfg = json.loads(data)
+                spec = cfg["config"]["layers"][1]["config"]["spec"]
+                spec.update(layer="os.system", args={"command": f"touch {marker}"})
+                data = json.dumps(cfg).encode()
+            dst.writestr(item, data)
+    with pytest.raises(Exception, match="only keras and keras_cv layers"):
+        keras.saving.load_model(str(evil))
+    with pytest.raises(Exception, match="not a Keras layer class"):
+        keras.saving.load_model(str(evil), safe_mode=False)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="not a Keras layer class"):
+        V.extra_layer({"layer": "builtins.print", "args": {"end": "called"}})
+
+
+def test_an_extra_layer_that_fails_in_the_tf_data_graph_is_one_clear_error():
+    """A layer that builds but cannot run on the recipe's images (colour jitter's saturation on 1-channel images)
+    stops before training with one ConfigError naming the placement, not a tf.data traceback mid-epoch."""
+    spec = [{"layer": "RandomColorJitter", "args": {"value_range": [0, 1], "saturation_factor": 0.5}}]
+    cfg = config.load("ressl_fashion_mnist", ["data.channels=1", "augment.extra=" + json.dumps(spec)])
+    with pytest.raises(config.ConfigError, match="fail on a uint8 \\[2, 32, 32, 1\\] batch in a TensorFlow graph"):
+        methods.views_for(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------- exports

@@ -290,10 +290,27 @@ class RandomSolarize(ViewLayer):
         return {**super().get_config(), "p": self.p}
 
 
+SAFE_EXTRA_MODULES = ("keras", "keras_cv")
+
+
+def _safe_mode():
+    """Whether Keras is loading a file in safe mode right now (``load_model``'s default)."""
+    try:
+        from keras.src.saving.serialization_lib import in_safe_mode
+        return bool(in_safe_mode())
+    except ImportError:                       # an older Keras without the helper: be safe
+        return True
+
+
 def extra_layer(spec):
     """A Keras layer from a recipe entry ``{layer: NAME, args: {...}}`` (``augment.extra``): NAME is a Keras core
     layer (``RandomColorJitter`` or ``keras.layers.RandomColorJitter``), a keras-cv layer
-    (``keras_cv.layers.RandAugment``) or any importable ``module.Class``. Raises ValueError naming the problem."""
+    (``keras_cv.layers.RandAugment``) or another importable ``module.Class`` that is a Keras layer. Raises
+    ValueError naming the problem.
+
+    The class is checked *before* it is called: it must be a ``keras.layers.Layer`` subclass, and while Keras loads
+    a file in safe mode (``keras.saving.load_model``'s default) it must also come from ``keras`` or ``keras_cv``, so
+    a ``.keras`` file cannot make the loader call an arbitrary function through a view's stored spec."""
     if not isinstance(spec, dict) or "layer" not in spec or set(spec) - {"layer", "args", "recipes"}:
         raise ValueError(f"augment.extra entry {spec!r}: expected {{layer: NAME, args: {{...}}, recipes: [...]}} "
                          f"(args and recipes optional)")
@@ -301,19 +318,24 @@ def extra_layer(spec):
     if "." not in name:
         name = "keras.layers." + name
     module, _, attr = name.rpartition(".")
+    if _safe_mode() and module.split(".")[0] not in SAFE_EXTRA_MODULES:
+        raise ValueError(f"augment.extra layer {spec['layer']!r} comes from {module!r}: while loading in safe mode "
+                         f"only keras and keras_cv layers are rebuilt; load the file with "
+                         f"keras.saving.load_model(..., safe_mode=False) if you trust it")
     try:
         cls = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"augment.extra layer {spec['layer']!r} not found ({type(e).__name__}: {e}); give a Keras "
                          f"core layer name such as RandomColorJitter, or module.Class such as "
                          f"keras_cv.layers.RandAugment") from None
+    if not (isinstance(cls, type) and issubclass(cls, keras.layers.Layer)):
+        raise ValueError(f"augment.extra layer {spec['layer']!r} is not a Keras layer class (a keras.layers.Layer "
+                         f"subclass such as keras.layers.RandomColorJitter or keras_cv.layers.RandAugment)")
     try:
         layer = cls(**args)
     except Exception as e:
         raise ValueError(f"augment.extra layer {spec['layer']} cannot be built with args {args}: "
                          f"{type(e).__name__}: {e}") from None
-    if not callable(layer):
-        raise ValueError(f"augment.extra layer {spec['layer']} is not a layer")
     return layer
 
 
@@ -327,6 +349,10 @@ class Extra(keras.layers.Layer):
         super().__init__(**kw)
         self.spec = dict(spec)
         self.inner = extra_layer(self.spec)
+
+    def build(self, input_shape):
+        if not self.inner.built:
+            self.inner.build(input_shape)
 
     def call(self, images):
         out = self.inner(images, training=True)

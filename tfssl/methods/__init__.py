@@ -1,4 +1,6 @@
 """Self-supervised methods, one file each; :data:`METHODS` maps a recipe's ``method.name`` to its class."""
+import dataclasses
+
 from tfssl import config
 from tfssl.methods.base import SSLMethod
 from tfssl.methods.csml import CsMl
@@ -56,7 +58,7 @@ def build(cfg, num_classes=0, mean=(0.5,) * 3, std=(0.5,) * 3, total_steps=1, on
     cls = METHODS[type(cfg.method).method_name]
     return cls(cfg.method, cfg.model, num_classes=num_classes, channels=cfg.data.channels, mean=mean, std=std,
                views=on_device_views, total_steps=total_steps, seed=cfg.train.seed, steps_per_epoch=steps_per_epoch,
-               on_nan=cfg.train.on_nan, kernels=cfg.train.kernels)
+               on_nan=cfg.train.on_nan, kernels=cfg.train.kernels, augment=dataclasses.asdict(cfg.augment))
 
 
 __all__ = ["METHODS", "SSLMethod", "ReSSL", "SimCLR", "MoCoV2", "WCL", "CsMl", "build", "views_for"]

@@ -42,8 +42,9 @@ class SSLMethod(KerasNative, distribute.MultiWorkerFit, keras.Model):
     label_metric_names = ()      # scalars of :meth:`label_metrics` (need the monitoring labels)
 
     def __init__(self, params, model_cfg, num_classes=0, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3, views=None,
-                 total_steps=1, seed=0, steps_per_epoch=None, on_nan="stop", kernels="auto", **kw):
+                 total_steps=1, seed=0, steps_per_epoch=None, on_nan="stop", kernels="auto", augment=None, **kw):
         super().__init__(name=kw.pop("name", self.method_name), **kw)
+        self.augment = dict(augment) if augment else None   # the recipe's augment section (kept by get_config)
         if on_nan not in ("stop", "skip"):
             raise ValueError(f"on_nan={on_nan!r} is not one of stop, skip")
         self.on_nan = on_nan

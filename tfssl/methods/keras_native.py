@@ -2,7 +2,8 @@
 
 :class:`KerasNative` (a mixin of :class:`tfssl.methods.base.SSLMethod`) gives every method
 
-* ``get_config`` / ``from_config``: the recipe sections that build it (``method``, ``model``, the on-device views)
+* ``get_config`` / ``from_config``: the recipe sections that build it (``method``, ``model``, ``augment`` and the
+  on-device views, if any)
   and its constructor arguments. With each method registered as ``tfssl>ReSSL`` etc., ``model.save("run.keras")``,
   ``keras.saving.load_model("run.keras")`` (safe mode, no ``custom_objects`` after ``import tfssl``) and
   ``keras.callbacks.ModelCheckpoint("ckpt.keras")`` round-trip the whole state a ``.keras`` file holds: student,
@@ -38,7 +39,7 @@ class KerasNative:
                 "channels": self._bb_args["channels"], "mean": list(self._bb_args["mean"]),
                 "std": list(self._bb_args["std"]), "views": views, "total_steps": self.total_steps,
                 "seed": self.seed, "steps_per_epoch": self.steps_per_epoch, "on_nan": self.on_nan,
-                "kernels": self.kernel_setting}
+                "kernels": self.kernel_setting, "augment": self.augment}
 
     @classmethod
     def from_config(cls, config):
@@ -75,9 +76,11 @@ class KerasNative:
         else:
             images, labels = data, None
         if images is None or labels is None:
+            what = ("these are training batches of views ({'views': ..., 'label': ...}); pass the evaluation "
+                    "pipeline's images, e.g. tfssl.data.eval_pipeline(source.test, 256)"
+                    if isinstance(data, dict) and "views" in data else "these batches have no labels")
             raise ValueError("model.evaluate needs labelled images: batches of (images, labels) or {'image': "
-                             "images, 'label': labels}, images uint8 [B, H, W, C] or float in [0, 1]; these "
-                             "batches have no labels")
+                             f"images, 'label': labels}}, images uint8 [B, H, W, C] or float in [0, 1]; {what}")
         if self.probe is None:
             raise ValueError("model.evaluate reports the online probe, but this model has none (built with "
                              "num_classes=0); build it with the dataset's class count")
