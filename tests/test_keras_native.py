@@ -257,9 +257,18 @@ def test_tfsm_layer_defaults_and_fine_tuning_update_batch_norm(exported):
     model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     before, stats = [w.numpy().copy() for w in layer.trainable_weights], _moving_stats(layer.non_trainable_weights)
     assert before and stats
-    model.fit(x, np.arange(16) % 3, epochs=1, batch_size=16, verbose=0)
+    # the same fine-tuning step on the .keras backbone, from the same head: TFSMLayer fine-tunes like it does
+    reference = keras.Sequential([keras.Input((32, 32, 3)), keras.saving.load_model(os.path.join(out, "backbone.keras")),
+                                  keras.layers.Dense(3)])
+    reference.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    reference.layers[-1].set_weights(model.layers[-1].get_weights())
+    h = model.fit(x, np.arange(16) % 3, epochs=1, batch_size=16, shuffle=False, verbose=0).history
+    h_ref = reference.fit(x, np.arange(16) % 3, epochs=1, batch_size=16, shuffle=False, verbose=0).history
     assert all(not np.array_equal(b, w.numpy()) for b, w in zip(before, layer.trainable_weights))
     assert all(not np.array_equal(a, b) for a, b in zip(stats, _moving_stats(layer.non_trainable_weights)))
+    np.testing.assert_allclose(h["loss"], h_ref["loss"], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(layer(x)), reference.layers[0](x, training=False).numpy(), atol=1e-4)
+    np.testing.assert_allclose(model.layers[-1].get_weights()[0], reference.layers[-1].get_weights()[0], atol=1e-5)
 
 
 def test_hub_keras_layer_in_tf_keras_infers_fine_tunes_and_reloads(exported, tmp_path):
