@@ -1,5 +1,6 @@
 """tfssl.data: every source (Fashion-MNIST idx files, image folder, numpy arrays / .npz, TFDS under mock_data),
 the missing-data error, stratified label fractions and the train/eval pipelines. Nothing is downloaded."""
+import math
 import os
 import sys
 
@@ -490,38 +491,61 @@ def _coordinate_image(h, w):
     return np.stack([x, y, np.full((h, w), 128.0)], -1).round().astype(np.uint8)
 
 
-def _expected_boxes(h, w, n, scale, ratio=(3 / 4, 4 / 3), seed=0):
-    """numpy reference of RandomResizedCrop's box on an h×w original (area, aspect, whole pixels, clipped)."""
-    rng = np.random.default_rng(seed)
-    area = h * w * rng.uniform(*scale, n)
-    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), n))
-    bh = np.clip(np.round(np.sqrt(area / aspect)), 1, h)
-    bw = np.clip(np.round(np.sqrt(area * aspect)), 1, w)
-    return bh, bw
+def _torchvision_boxes(h, w, n, scale, ratio=(3 / 4, 4 / 3), seed=0):
+    """(box heights, widths) of n draws of torchvision's ``RandomResizedCrop.get_params`` on an h×w image, written
+    out here from its algorithm: up to 10 tries of area U(scale)·h·w and log-uniform aspect, rounded, the first that
+    fits; else the whole image cut to the nearest aspect in ``ratio``."""
+    rng, out = np.random.default_rng(seed), []
+    for _ in range(n):
+        for _ in range(10):
+            area = h * w * rng.uniform(*scale)
+            aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+            bw, bh = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if 0 < bw <= w and 0 < bh <= h:
+                out.append((bh, bw))
+                break
+        else:
+            if w / h < ratio[0]:
+                out.append((int(round(w / ratio[0])), w))
+            elif w / h > ratio[1]:
+                out.append((h, int(round(h * ratio[1]))))
+            else:
+                out.append((h, w))
+    return np.array(out, np.float64).T
 
 
-def test_folder_crops_keep_the_original_aspect(tmp_path):
-    """Views of an image folder crop the original (any size): over 4096 crops of a 90×270 image, the boxes' pixel
-    aspect and area have RandomResizedCrop's statistics on the original, not on a squashed square."""
+def test_folder_crops_follow_torchvision_random_resized_crop_on_the_originals(tmp_path):
+    """An image folder of non-square images of different sizes: every view is a RandomResizedCrop of the decoded
+    original. Over 2048 crops per image, the boxes (read off the coordinate channels of the crops) have the aspect
+    and area statistics of torchvision's algorithm on that original, including its centre fallback on a very wide
+    image, and not those of a crop of the image squashed to a square."""
     from tfssl import views as V
-    image = tf.constant(_coordinate_image(90, 270))
-    n, scale = 4096, (0.2, 1.0)
-    crop = lambda s: V.crop_original(image, 16, scale, (3 / 4, 4 / 3), s)          # noqa: E731
+    sizes = [(90, 270), (240, 100), (160, 160), (30, 250)]          # (height, width); the last mostly falls back
+    (tmp_path / "a").mkdir()
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(_coordinate_image(h, w)).save(tmp_path / "a" / f"{i}.png")
+    source = data.load_source(DataConfig(name="folder", path=str(tmp_path), image_size=32, channels=3))
+    assert source.originals and source.num_train == len(sizes)
+    n, scale, size = 2048, (0.2, 1.0), 16
     seeds = tf.stack([tf.zeros(n, tf.int64), tf.range(n, dtype=tf.int64)], 1)
-    out = tf.function(lambda s: tf.map_fn(crop, s, fn_output_signature=tf.TensorSpec([16, 16, 3], tf.float32)))(
-        seeds).numpy()                                  # one graph: an eager map_fn is a Python loop (1 min)
-    assert out.shape == (n, 16, 16, 3) and out.min() >= 0 and out.max() <= 1
-    # the box in pixels of the original, read off the coordinate channels (centres of the first/last output pixels)
-    width = (out[:, 0, -1, 0] - out[:, 0, 0, 0]) * 269 * 16 / 15
-    height = (out[:, -1, 0, 1] - out[:, 0, 0, 1]) * 89 * 16 / 15
-    ref_h, ref_w = _expected_boxes(90, 270, n, scale)
-    for name, got, want in (("log aspect", np.log(width / height), np.log(ref_w / ref_h)),
-                            ("area fraction", width * height / (90 * 270), ref_w * ref_h / (90 * 270))):
-        se = np.sqrt(got.var() / n + want.var() / n)
-        assert abs(got.mean() - want.mean()) < 4 * se + 0.02, (name, got.mean(), want.mean())
-        assert abs(got.std() - want.std()) < 0.1 * want.std() + 0.02, (name, got.std(), want.std())
-    # a crop of the squashed square (the former pipeline) would see boxes 3× wider in original pixels
-    assert abs(np.log(width / height).mean() - np.log(3.0)) > 0.5
+    for index in range(len(sizes)):
+        image = source.lookup_original(tf.constant(index, tf.int64))["image"]
+        h, w = image.shape[0], image.shape[1]
+        crop = lambda s: V.crop_original(image, size, scale, (3 / 4, 4 / 3), s)       # noqa: E731
+        out = tf.function(lambda s: tf.map_fn(crop, s, fn_output_signature=tf.TensorSpec([size, size, 3],
+                                                                                           tf.float32)))(seeds).numpy()
+        assert out.min() >= 0 and out.max() <= 1
+        # the box in pixels of the original, from the coordinate channels (centres of the first/last output pixels)
+        width = (out[:, 0, -1, 0] - out[:, 0, 0, 0]) * (w - 1) * size / (size - 1)
+        height = (out[:, -1, 0, 1] - out[:, 0, 0, 1]) * (h - 1) * size / (size - 1)
+        ref_h, ref_w = _torchvision_boxes(h, w, n, scale)
+        for name, got, want in (("log aspect", np.log(width / height), np.log(ref_w / ref_h)),
+                                ("area fraction", width * height / (h * w), ref_w * ref_h / (h * w))):
+            se = np.sqrt(got.var() / n + want.var() / n)
+            assert abs(got.mean() - want.mean()) < 4 * se + 0.03, ((h, w), name, got.mean(), want.mean())
+            assert abs(got.std() - want.std()) < 0.1 * want.std() + 0.03, ((h, w), name, got.std(), want.std())
+        if w != h:           # a crop of the squashed square would have the image's aspect (in original pixels)
+            assert abs(np.log(width / height).mean() - np.log(w / h)) > 0.4, (h, w)
 
 
 def test_evaluation_view_is_the_centre_crop_of_the_short_side_resize(tmp_path):

@@ -149,22 +149,40 @@ class RandomResizedCrop(ViewLayer):
         return {**super().get_config(), "size": self.size, "scale": list(self.scale), "ratio": list(self.ratio)}
 
 
-def crop_original(image, size, scale, ratio, seed):
-    """RandomResizedCrop of one image of any size and aspect, as torchvision's on the original: a box of area
-    fraction ∈ ``scale`` of H·W and log-uniform aspect ∈ ``ratio``, in whole pixels, clipped to the image (torchvision
-    re-draws up to 10 times instead), placed uniformly, then resized (bilinear, antialiased) to ``size``×``size``.
-    uint8 or float [H, W, C] in → float32 [size, size, C] in [0, 1]; ``seed``: a stateless seed [2] (the data seed and
-    the image's position in the epoch, so a resumed run crops the same boxes)."""
-    u = rng.uniform(seed, [4])
-    hw = tf.cast(tf.shape(image)[:2], tf.float32)
+ORIGINAL_TRIES = 10      # torchvision's RandomResizedCrop: up to 10 draws, then the centre fallback
+
+
+def original_box(hw, scale, ratio, seed):
+    """torchvision's ``RandomResizedCrop.get_params`` on an image of height and width ``hw`` (float [2]), drawn
+    statelessly from ``seed`` [2]: up to 10 tries of a box of area fraction U(``scale``) of H·W and log-uniform aspect
+    in ``ratio``, rounded to whole pixels; the first that fits is placed uniformly. If none fits, the whole image,
+    cut to the nearest aspect in ``ratio``, centred. All tries are drawn at once (static shapes; XLA-friendly).
+    Returns (y0, x0, h, w) in pixels, float."""
+    u = rng.uniform(seed, [2 * ORIGINAL_TRIES + 2])
     scale = tf.cast(scale, tf.float32)
-    area = hw[0] * hw[1] * (scale[0] + (scale[1] - scale[0]) * u[0])
-    aspect = tf.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1])
-    h = tf.clip_by_value(tf.round(tf.sqrt(area / aspect)), 1.0, hw[0])
-    w = tf.clip_by_value(tf.round(tf.sqrt(area * aspect)), 1.0, hw[1])
-    y0 = tf.minimum(tf.floor(u[2] * (hw[0] - h + 1.0)), hw[0] - h)
-    x0 = tf.minimum(tf.floor(u[3] * (hw[1] - w + 1.0)), hw[1] - w)
-    box = [tf.cast(v, tf.int32) for v in (y0, x0, h, w)]
+    area = hw[0] * hw[1] * (scale[0] + (scale[1] - scale[0]) * u[:ORIGINAL_TRIES])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = tf.exp(log_lo + (log_hi - log_lo) * u[ORIGINAL_TRIES:2 * ORIGINAL_TRIES])
+    w, h = tf.round(tf.sqrt(area * aspect)), tf.round(tf.sqrt(area / aspect))
+    fits = (w > 0) & (w <= hw[1]) & (h > 0) & (h <= hw[0])
+    first = tf.argmax(tf.cast(fits, tf.int32))            # index of the first try that fits (0 if none does)
+    in_ratio = hw[1] / hw[0]                              # the fallback: centre crop of the whole image
+    fall_w = tf.where(in_ratio < ratio[0], hw[1], tf.where(in_ratio > ratio[1], tf.round(hw[0] * ratio[1]), hw[1]))
+    fall_h = tf.where(in_ratio < ratio[0], tf.round(hw[1] / ratio[0]), hw[0])
+    any_fits = tf.reduce_any(fits)
+    bw, bh = tf.where(any_fits, w[first], fall_w), tf.where(any_fits, h[first], fall_h)
+    y0 = tf.where(any_fits, tf.minimum(tf.floor(u[-2] * (hw[0] - bh + 1.0)), hw[0] - bh), tf.floor((hw[0] - bh) / 2))
+    x0 = tf.where(any_fits, tf.minimum(tf.floor(u[-1] * (hw[1] - bw + 1.0)), hw[1] - bw), tf.floor((hw[1] - bw) / 2))
+    return y0, x0, bh, bw
+
+
+def crop_original(image, size, scale, ratio, seed):
+    """RandomResizedCrop of one image of any size and aspect, as torchvision's on the original
+    (:func:`original_box`), resized (bilinear, antialiased) to ``size``×``size``. uint8 or float [H, W, C] in →
+    float32 [size, size, C] in [0, 1]; ``seed``: a stateless seed [2] (the data seed and the image's position in the
+    epoch, so a resumed run crops the same boxes)."""
+    hw = tf.cast(tf.shape(image)[:2], tf.float32)
+    box = [tf.cast(v, tf.int32) for v in original_box(hw, scale, ratio, seed)]
     crop = tf.image.crop_to_bounding_box(image, *box)
     crop = tf.cast(crop, tf.float32) / (255.0 if image.dtype == tf.uint8 else 1.0)
     out = tf.clip_by_value(tf.image.resize(crop, [size, size], antialias=True), 0.0, 1.0)
