@@ -69,34 +69,20 @@ def pretrain(method, workdir, args, log):
 
 def evaluate(workdir, subject_kind, log, wanted=PROTOCOLS):
     """Run the missing protocols of ``wanted`` on one subject (checkpoint | random_init | pixels); returns
-    summary["eval"]."""
+    summary["eval"] (:func:`tfssl.eval.protocols.ensure`)."""
     from tfssl.eval import protocols
-    name = "checkpoint" if subject_kind == "checkpoint" else subject_kind
-    path = os.path.join(workdir, "summary.json")
-    have = json.load(open(path)).get("eval", {}) if os.path.isfile(path) else {}
-    missing = [p for p in wanted if name not in have.get(p, {})]
-    if not missing:
-        return have
-    subject = protocols.open_subject(workdir, baseline=None if subject_kind == "checkpoint" else subject_kind)
-    for protocol in missing:
-        t = time.perf_counter()
-        fn = protocols.PROTOCOLS[protocol]
-        result = fn(subject) if protocol == "knn" else fn(subject, log=None)
-        protocols.record(subject, protocol, result)
-        log(f"quality: {os.path.basename(workdir)} {name} {protocol} done in {time.perf_counter() - t:.0f} s")
-    return json.load(open(path))["eval"]
+    return protocols.ensure(workdir, wanted, subject_kind, done=lambda p, t: log(
+        f"quality: {os.path.basename(workdir)} {subject_kind} {p} done in {t:.0f} s"))
 
 
 def row(eval_, subject):
     """(weighted kNN, majority kNN, linear, 1 %, 10 %) top-1 of one subject."""
-    get = lambda p: eval_.get(p, {}).get(subject, {})           # noqa: E731
-    semi = get("semi")
-    fraction = lambda f: next((v["top1"] for k, v in semi.items() if isinstance(v, dict) and   # noqa: E731
-                               abs(v.get("fraction", -1) - f) < 1e-9), None)
-    return {"knn_weighted": get("knn").get("weighted", {}).get("top1"),
-            "knn_majority": get("knn").get("majority", {}).get("top1"),
-            "linear": get("linear").get("top1"), "semi_1pct": fraction(0.01), "semi_10pct": fraction(0.1),
-            "semi": {k: v["top1"] for k, v in semi.items() if isinstance(v, dict)}}
+    from tfssl.eval import protocols
+    h = protocols.headline(eval_, subject)
+    fraction = lambda f: next((v for k, v in h["semi"].items() if abs(k - f) < 1e-9), None)   # noqa: E731
+    return {"knn_weighted": h["knn_weighted"], "knn_majority": h["knn_majority"], "linear": h["linear"],
+            "semi_1pct": fraction(0.01), "semi_10pct": fraction(0.1), "semi": {f"{100 * k:g}%": v for k, v in
+                                                                                h["semi"].items()}}
 
 
 def pct(x):

@@ -1,6 +1,8 @@
 """Helpers shared by the test files (not a test module): the method cases of one training step, their crafted views,
 building a method model, feeding a global batch to replicas, one step under a strategy, recording its results, and
 the step of 1 device and of 2 replicas computed once per session (:func:`one_step_cases`)."""
+import functools
+
 import numpy as np
 
 B = 8                    # global batch of the one-step cases
@@ -45,16 +47,40 @@ def case_views(cfg, seed=0):
     return views, rng.integers(0, 10, B).astype("int32")
 
 
-def build(cfg, strategy, weights=None):
-    """The method model under ``strategy`` (num_classes=10, SGD), optionally loaded with ``weights``."""
+def build(cfg, strategy, weights=None, record=False):
+    """The method model under ``strategy`` (num_classes=10, SGD), optionally loaded with ``weights``; ``record``:
+    the optimizer keeps each step's gradients (:func:`recording_sgd`)."""
     from tfssl import methods
     from tfssl.optim import SGD
     with strategy.scope():
         model = methods.build(cfg, num_classes=10, total_steps=10)
-        model.compile(SGD(0.1, momentum=0.9, weight_decay=5e-4), probe_optimizer=SGD(0.1, momentum=0.9))
+        opt = (recording_sgd() if record else SGD)(0.1, momentum=0.9, weight_decay=5e-4)
+        model.compile(opt, probe_optimizer=SGD(0.1, momentum=0.9))
         if weights is not None:
             model.set_weights(weights)
     return model
+
+
+@functools.lru_cache(None)
+def recording_sgd():
+    """The class :class:`RecordingSGD` (made on first use: tfssl and TensorFlow are imported lazily here)."""
+    from tfssl.optim import SGD
+
+    class RecordingSGD(SGD):
+        """tfssl's SGD that also keeps, per variable, the gradient its last update applied: under a strategy the
+        gradient summed over the replicas, as Keras hands it to ``update_step``. A test reads the gradients of the
+        very step ``fit`` ran instead of tracing the model a second time to compute them."""
+
+        def build(self, variables):
+            if self.built:
+                return
+            super().build(variables)
+            self.last_gradients = [self.add_variable_from_reference(v, "last_gradient") for v in variables]
+
+        def update_step(self, gradient, variable, learning_rate):
+            self.assign(self.last_gradients[self._get_variable_index(variable)], gradient)
+            super().update_step(gradient, variable, learning_rate)
+    return RecordingSGD
 
 
 def replica_rows(strategy, *arrays):
@@ -111,25 +137,10 @@ def weights_of(npz):
     return [npz[k] for k in sorted(k for k in npz.keys() if k.startswith("w") and k[1:].isdigit())]
 
 
-def gradients(model, strategy, views):
-    """(global loss, summed gradients) of one batch, each replica fed its contiguous rows of ``views``."""
-    import tensorflow as tf
-
-    @tf.function
-    def run(v):
-        def fn(v):
-            loss, _, grads = model.loss_and_gradients(v)
-            ctx = tf.distribute.get_replica_context()
-            return ctx.all_reduce("sum", loss), ctx.all_reduce("sum", grads)
-        return strategy.run(fn, args=(v,))
-    loss, grads = run(replica_rows(strategy, tuple(views)))
-    first = lambda x: strategy.experimental_local_results(x)[0].numpy()   # noqa: E731
-    return first(loss), [first(g) for g in grads]
-
-
 class OneStep:
     """One case's first step on 1 device (Keras fit) and on 2 replicas (fit under MirroredStrategy), from the same
-    initial weights and batch: the models (which tests may step further), gradients, histories and a snapshot of
+    initial weights and batch: the models (which tests may step further), the loss and gradients of that step (read
+    off the optimizer: one trace per model, not a second one for the gradients), histories and a snapshot of
     :func:`results` taken right after the step (compared with the multi-worker workers)."""
 
     def __init__(self, name, params, mirrored):
@@ -140,19 +151,18 @@ class OneStep:
         self.cfg = tiny_config(name, **params)
         self.views, self.labels = case_views(self.cfg)
         default = tf.distribute.get_strategy()
-        self.one = build(self.cfg, default)
+        self.one = build(self.cfg, default, record=True)
         self.init = self.one.get_weights()
-        self.two = build(self.cfg, mirrored, self.init)
-        self.loss1, self.grads1 = gradients(self.one, default, self.views)
-        self.loss2, self.grads2 = gradients(self.two, mirrored, self.views)
-        for model in (self.one, self.two):       # the forward passes moved the BatchNorm statistics: back to init
-            with model.distribute_strategy.scope():
-                model.set_weights(self.init)
+        self.two = build(self.cfg, mirrored, self.init, record=True)
         batch = tf.data.Dataset.from_tensors({"views": self.views, "label": self.labels})
         self.history1 = self.one.fit(batch, epochs=1, verbose=0).history
         self.history2 = self.two.fit(batch, epochs=1, verbose=0).history
         last = lambda h: {k: v[-1] for k, v in h.items()}   # noqa: E731
         self.results1, self.results2 = results(self.one, last(self.history1)), results(self.two, last(self.history2))
+        # the step's global loss and the gradients the optimizer applied (summed over the replicas)
+        self.loss1, self.loss2 = self.history1["loss"][-1], self.history2["loss"][-1]
+        self.grads1 = [v.numpy() for v in self.one.optimizer.last_gradients]
+        self.grads2 = [v.numpy() for v in self.two.optimizer.last_gradients]
         self.names = [v.path for v in self.one.weights]
 
 

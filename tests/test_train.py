@@ -53,14 +53,28 @@ def test_every_shipped_recipe_loads_and_builds_its_views(path):
 
 
 @pytest.mark.slow
-def test_cli_pretrain_then_eval_knn_on_two_replicas(tmp_path, capsys):
+def test_cli_pretrain_on_two_replicas_prints_its_baselines_then_eval_knn(tmp_path, capsys):
+    """`tfssl pretrain` (2 replicas) with eval.baselines=[knn, linear]: its closing table shows the trained
+    backbone beside a random-init backbone and raw pixels, each figure the one recorded in summary.json; run again,
+    nothing is recomputed. Then `tfssl eval knn` on the run."""
     workdir = str(tmp_path / "run")
-    sets = sum((["--set", s] for s in QUICK + ["method.queue_size=512", "distribute.strategy=mirrored"]), [])
+    sets = sum((["--set", s] for s in QUICK + ["method.queue_size=512", "distribute.strategy=mirrored",
+                                               "eval.baselines=[knn,linear]", "eval.epochs=2"]), [])
     assert cli.main(["pretrain", "--workdir", workdir] + sets) == 0
     out = capsys.readouterr().out
     assert "kNN top-1" in out and "online probe" in out
     summary = json.load(open(os.path.join(workdir, "summary.json")))
     assert summary["replicas"] == 2 and summary["strategy"] == "MirroredStrategy"
+    table = out[out.index("beside its baselines"):].splitlines()
+    assert "this backbone" in table[-4] and "random init" in table[-4] and "raw pixels" in table[-4]
+    for line, protocol, key in ((table[-3], "knn", "weighted"), (table[-1], "linear", None)):
+        figures = [summary["eval"][protocol][s] for s in ("checkpoint", "random_init", "pixels")]
+        figures = [f[key]["top1"] if key else f["top1"] for f in figures]
+        assert line.split()[-3:] == [f"{100 * f:.2f}%" for f in figures], (line, figures)
+    assert out.count(" done in ") == 6                            # 2 protocols × 3 subjects
+    assert cli.main(["pretrain", "--workdir", workdir] + sets) == 0   # finished run: the table, nothing rerun
+    again = capsys.readouterr().out
+    assert " done in " not in again and table[-1] in again
     assert cli.main(["eval", "knn", "--workdir", workdir, "--set", "data.limit=384",
                      "--set", "data.test_limit=256"]) == 0
     again = json.load(open(os.path.join(workdir, "summary.json")))["eval"]["knn"]["checkpoint"]

@@ -28,9 +28,10 @@ def _raw_batch(cfg, seed=0):
     return {"image": tf.constant(images), "label": tf.constant(labels)}
 
 
-# ReSSL single- and multi-crop, SimCLR, MoCo v2 (symmetric: both directions), WCL with KNN crops, CsMl with its
+# ReSSL multi-crop (its step runs every line of the single-crop step, which compiles with on-device views in
+# test_train's ressl short run), SimCLR, MoCo v2 (symmetric: both directions), WCL with KNN crops, CsMl with its
 # stage-3 level and the cross-sample phase on (CutMix); MoCo v2 once more with views made beforehand
-XLA_CASES = [("device", *CASES[i]) for i in (0, 1, 2, 4, 6, 8)] + [("pipeline", *CASES[3])]
+XLA_CASES = [("device", *CASES[i]) for i in (1, 2, 4, 6, 8)] + [("pipeline", *CASES[3])]
 
 
 @pytest.mark.slow

@@ -99,6 +99,39 @@ def _pretrain(args):
                   ("kNN top-5", _pct(s["knn_top5"])), ("online probe top-1 (held-out)", _pct(s["probe_top1"])),
                   ("final loss", f"{s['final_loss']:.4f}"), ("images/s (training)", f"{s['images_per_second']:.1f}"),
                   ("wall time", f"{s['wall_seconds']:.0f} s")]))
+    if cfg.eval.baselines and s.get("knn_top1") is not None and _chief(cfg):
+        _baselines(workdir, cfg)
+
+
+def _chief(cfg):
+    """Whether this process writes the run (the chief under multi-worker; always otherwise)."""
+    from tfssl import distribute
+    return cfg.distribute.strategy != "multi_worker" or distribute.is_chief()
+
+
+def _baselines(workdir, cfg):
+    """``eval.baselines``: the protocols on the trained backbone, a random-init backbone and raw pixels, run (or
+    found in summary.json) and printed side by side, so the gain of pretraining shows on the same screen."""
+    from tfssl.eval import protocols
+    print(f"\nOffline evaluation ({', '.join(cfg.eval.baselines)}) of this backbone beside its baselines, same "
+          f"protocol and split:")
+    rows = {}
+    for subject in protocols.COMPARED:
+        evals = protocols.ensure(workdir, cfg.eval.baselines, subject,
+                                 done=lambda p, t, who=subject: print(f"  {p} on {who} done in {t:.0f} s"))
+        h = protocols.headline(evals, subject)
+        cells = {f"kNN weighted (k={cfg.eval.knn_k}, τ={cfg.eval.knn_temperature:g}) top-1": h["knn_weighted"],
+                 f"kNN majority (k={cfg.eval.majority_k}) top-1": h["knn_majority"],
+                 f"linear probe ({cfg.eval.linear_preset}) top-1": h["linear"],
+                 **{f"fine-tuned on {100 * f:g}% labels top-1": v for f, v in sorted(h["semi"].items())}}
+        for label, value in cells.items():
+            if value is not None:
+                rows.setdefault(label, {})[subject] = value
+    head = {"checkpoint": "this backbone", "random_init": "random init", "pixels": "raw pixels"}
+    width = max(len(k) for k in rows)
+    print("  " + " " * width + "".join(f"  {h:>13}" for h in head.values()))
+    for label, by_subject in rows.items():
+        print(f"  {label:<{width}}" + "".join(f"  {_pct(by_subject.get(s)):>13}" for s in head))
 
 
 def _eval_rows(protocol, r):

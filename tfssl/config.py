@@ -113,6 +113,8 @@ class EvalConfig:
     pseudo_label: bool = False              # semi: add an entropy-filtered pseudo-label round (CsMl protocol)
     pseudo_entropy: float = 0.5             # keep unlabelled images whose prediction entropy (nats) is below this
     plot_limit: int = 2000                  # t-SNE / projector points (held-out images)
+    baselines: List[str] = field(default_factory=list)   # protocols `tfssl pretrain` runs at its end on the trained
+    #                                         backbone, a random-init one and raw pixels, printed side by side
     retrieval_queries: int = 8
     seed: int = 0
 
@@ -156,7 +158,7 @@ def register_method(name: str, params_cls) -> None:
 
 
 # list keys whose every entry must be one of these
-LIST_CHOICES = {("train", "wd_exclude"): ["bn", "bias"]}
+LIST_CHOICES = {("train", "wd_exclude"): ["bn", "bias"], ("eval", "baselines"): ["knn", "linear", "semi"]}
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig, "train": TrainConfig,
             "eval": EvalConfig, "export": ExportConfig, "distribute": DistributeConfig}

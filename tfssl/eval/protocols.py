@@ -204,6 +204,39 @@ def run_plot(subject, out_dir=None):
 
 
 PROTOCOLS = {"knn": run_knn, "linear": run_linear, "semi": run_semi, "plot": run_plot}
+COMPARED = ("checkpoint", "random_init", "pixels")    # the subjects of a comparison: the run and its baselines
+
+
+def ensure(workdir, protocols, subject="checkpoint", log=None, done=None):
+    """Run on one subject of the run in ``workdir`` (``checkpoint``, ``random_init`` or ``pixels``) each protocol of
+    ``protocols`` that its summary.json does not hold yet, and record it; returns summary.json's ``eval`` section.
+    ``done(protocol, seconds)`` is told of each protocol run. What was recorded is not run again (a killed
+    comparison resumes where it stopped)."""
+    import time
+    path = os.path.join(workdir, "summary.json")
+    have = (json.load(open(path)) if os.path.isfile(path) else {}).get("eval", {})
+    missing = [p for p in protocols if subject not in have.get(p, {})]
+    if not missing:
+        return have
+    opened = open_subject(workdir, baseline=None if subject == "checkpoint" else subject)
+    for protocol in missing:
+        start = time.perf_counter()
+        fn = PROTOCOLS[protocol]
+        record(opened, protocol, fn(opened) if protocol == "knn" else fn(opened, log=log))
+        if done is not None:
+            done(protocol, time.perf_counter() - start)
+    return json.load(open(path))["eval"]
+
+
+def headline(evals, subject):
+    """The top-1 figures of one subject a comparison shows: weighted kNN, majority kNN, linear, and each fine-tuning
+    fraction (``semi``: {label fraction: top-1}); None where not run."""
+    get = lambda p: evals.get(p, {}).get(subject, {})           # noqa: E731
+    semi = {v["fraction"]: v["top1"] for k, v in get("semi").items() if isinstance(v, dict) and "fraction" in v
+            and "pseudo" not in k}
+    return {"knn_weighted": get("knn").get("weighted", {}).get("top1"),
+            "knn_majority": get("knn").get("majority", {}).get("top1"), "linear": get("linear").get("top1"),
+            "semi": semi}
 
 
 def record(subject, protocol, result):
