@@ -1,6 +1,8 @@
 """Mixed precision (``train.precision``): layers compute in float16/bfloat16 while the losses, temperatures, softmax,
 queues and the probe stay float32; float16 uses Keras's dynamic loss scaling; the global policy is restored after a
 run."""
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -44,11 +46,25 @@ def test_mixed_step_keeps_losses_and_queues_in_float32(name, params, precision, 
         assert int(model.queue_ptr.numpy()) == len(labels)
 
 
-def test_pretrain_in_bfloat16_restores_the_policy(tmp_path):
+@pytest.mark.slow      # pretraining runs (seconds): the full tier
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "auto"])
+def test_pretrain_in_mixed_precision_records_the_choice_and_restores_the_policy(tmp_path, precision):
+    """train.precision=auto resolves through the device plan (mixed_bfloat16 on a CPU with bf16 arithmetic, float32
+    elsewhere): the log's train step line and summary.json say what was chosen and why; the process's policy is
+    float32 again afterwards."""
+    from tfssl import devices
     cfg = config.load("ressl_fashion_mnist", ["data.limit=128", "data.test_limit=64", "train.epochs=1",
                                               "train.batch_size=64", "train.verbose=0", "train.jit_compile=false",
                                               "model.projector_hidden=32", "method.queue_size=128",
-                                              "eval.knn_train_limit=128", "train.precision=mixed_bfloat16"])
-    summary = pretrain(cfg, str(tmp_path), log=lambda *_: None)
+                                              "eval.knn_train_limit=128", f"train.precision={precision}"])
+    lines = []
+    summary = pretrain(cfg, str(tmp_path), log=lines.append)
     assert np.isfinite(summary["final_loss"]) and summary["knn_top1"] is not None
     assert keras.mixed_precision.dtype_policy().name == "float32"
+    expected = devices.plan(devices.detect(), False, "auto", precision)
+    recorded = json.load(open(tmp_path / "summary.json"))["train_plan"]
+    assert recorded["precision"] == expected.precision and recorded["reasons"]["precision"] == \
+        expected.reasons["precision"]
+    assert precision != "auto" or recorded["reasons"]["precision"].startswith("auto: CPU")
+    step_line = next(line for line in lines if line.startswith("train step:"))
+    assert f"{expected.precision} ({expected.reasons['precision']})" in step_line

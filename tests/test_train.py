@@ -105,6 +105,7 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert not os.listdir(tmp_path)
 
 
+@pytest.mark.slow      # a pretraining run (seconds): the full tier
 def test_a_deterministic_run_leaves_the_process_as_it_found_it(tmp_path):
     """train.deterministic turns TensorFlow's deterministic ops on for the run only: afterwards Keras compiles
     XLA steps again in the same process (the flag is process-wide and made later XLA runs silently graph runs)."""
@@ -130,6 +131,7 @@ def test_preview_writes_a_real_png(tmp_path):
     assert np.abs(original - view).mean() > 1                 # views differ from the originals
 
 
+@pytest.mark.slow      # a pretraining run (seconds): the full tier
 def test_train_step_traced_once_over_epochs_of_the_epoch_pipeline():
     """Each epoch opens a new iterator of the epoch pipeline; the compiled step must not be traced again (issue #9:
     no retracing). The Python ``train_step`` body runs once per trace, so counting its calls counts traces."""
