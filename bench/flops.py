@@ -24,6 +24,7 @@ SPECS = {
     "resnet34": ("basic", (3, 4, 6, 3), (64, 128, 256, 512)),
     "resnet50": ("bottleneck", (3, 4, 6, 3), (64, 128, 256, 512)),
     "tiny": ("basic", (1, 1, 1, 1), (8, 16, 32, 64)),
+    "small": ("basic", (1, 1, 1, 1), (16, 32, 64, 128)),     # 28-32 px images on CPUs: bench/QUALITY.md
 }
 
 # per method: student passes, teacher passes, head layout ("mlp": Linear-ReLU-Linear; "mlp_bn": Linear-BN-ReLU-Linear;
@@ -46,7 +47,7 @@ def backbone_macs(name="resnet18", size=32, cifar_stem=True, width=1.0, channels
     kind, blocks, widths = SPECS[name]
     layers = []
     h = size
-    stem = max(8, int(64 * width)) if name != "tiny" else int(widths[0] * width)
+    stem = max(8, int(64 * width)) if name not in ("tiny", "small") else int(widths[0] * width)
     if cifar_stem:
         layers.append(("stem_conv", h * h * stem * channels * 9))
     else:

@@ -67,10 +67,49 @@ def pretrain(method, workdir, args, log):
     return train.pretrain(config.load(f"{method}_fashion_mnist", sets), workdir, log=log)
 
 
+def baseline_key(workdir, subject_kind):
+    """What a baseline's figures depend on: the data and evaluation sections (and, for a random-init backbone, the
+    model section and the seed) of the run's resolved recipe. Methods whose recipes agree there share them."""
+    import yaml
+    cfg = yaml.safe_load(open(os.path.join(workdir, "config.yaml")))
+    parts = {"data": cfg["data"], "eval": {k: v for k, v in cfg["eval"].items() if k != "baselines"}}
+    if subject_kind == "random_init":              # the backbone's own keys (the heads are not evaluated)
+        parts.update(model={k: v for k, v in cfg["model"].items() if not k.startswith("projector")},
+                     seed=cfg["train"]["seed"])
+    return json.dumps(parts, sort_keys=True)
+
+
+def borrow(workdir, subject_kind, wanted, log):
+    """Copy a baseline's recorded figures from another method's run of this harness with the same
+    :func:`baseline_key` (raw pixels and a random-init backbone are computed once, not once per method)."""
+    from tfssl.train import update_summary
+    path = os.path.join(workdir, "summary.json")
+    mine = json.load(open(path)).get("eval", {})
+    if all(subject_kind in mine.get(p, {}) for p in wanted):
+        return
+    key, out = baseline_key(workdir, subject_kind), os.path.dirname(workdir)
+    for other in sorted(os.listdir(out)):
+        there = os.path.join(out, other)
+        if there == workdir or not os.path.isfile(os.path.join(there, "summary.json")) or not os.path.isfile(
+                os.path.join(there, "config.yaml")) or baseline_key(there, subject_kind) != key:
+            continue
+        theirs = json.load(open(os.path.join(there, "summary.json"))).get("eval", {})
+        found = [p for p in wanted if subject_kind in theirs.get(p, {}) and subject_kind not in mine.get(p, {})]
+        for p in found:
+            mine.setdefault(p, {})[subject_kind] = {**theirs[p][subject_kind], "borrowed_from": other}
+        if found:
+            update_summary(workdir, eval=mine)
+            log(f"quality: {os.path.basename(workdir)} {subject_kind} {', '.join(found)} from {other} (same data, "
+                f"evaluation{' and backbone' if subject_kind == 'random_init' else ''} settings)")
+
+
 def evaluate(workdir, subject_kind, log, wanted=PROTOCOLS):
-    """Run the missing protocols of ``wanted`` on one subject (checkpoint | random_init | pixels); returns
-    summary["eval"] (:func:`tfssl.eval.protocols.ensure`)."""
+    """Run the missing protocols of ``wanted`` on one subject (checkpoint | random_init | pixels), borrowing a
+    baseline's figures from another method's identical setting first; returns summary["eval"]
+    (:func:`tfssl.eval.protocols.ensure`)."""
     from tfssl.eval import protocols
+    if subject_kind != "checkpoint":
+        borrow(workdir, subject_kind, wanted, log)
     return protocols.ensure(workdir, wanted, subject_kind, done=lambda p, t: log(
         f"quality: {os.path.basename(workdir)} {subject_kind} {p} done in {t:.0f} s"))
 

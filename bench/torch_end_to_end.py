@@ -130,7 +130,7 @@ def main():
     step = Step(name, model["backbone"], model["width"], model["projector_hidden"], model["projector_dim"],
                 method.get("queue_size", 4096), lr, 10, hp, channels=data["channels"], mean=0.286, std=0.353,
                 weight_decay=train["weight_decay"], momentum=train["momentum"],
-                autocast=torch.bfloat16 if mixed else None)
+                autocast=torch.bfloat16 if mixed else None, projector_bn=model.get("projector_bn", False))
     size, crop_scale = aug["size"], aug.get("crop_scale")
     warmup = int(round(method.get("view_warmup_epochs", 0) * steps)) if name == "wcl" else 0
     recipes = {"ressl": ("strong", "weak"), "mocov2": ("strong", "strong"), "simclr": ("simclr", "simclr"),

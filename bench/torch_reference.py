@@ -42,7 +42,7 @@ def torch_modules():
             self.register_buffer("mean", torch.full((1, channels, 1, 1), mean))
             self.register_buffer("std", torch.full((1, channels, 1, 1), std))
             self.convs, self.bns = nn.ModuleDict(), nn.ModuleDict()
-            stem = max(8, int(64 * width)) if name != "tiny" else int(widths[0] * width)
+            stem = max(8, int(64 * width)) if name not in ("tiny", "small") else int(widths[0] * width)
             self.convs["stem_conv"] = Conv(channels, stem, 3 if cifar_stem else 7, 1 if cifar_stem else 2)
             self.bns["stem_bn"] = bn2d(stem)
             self.plan, c = [], stem
@@ -144,9 +144,11 @@ def torch_modules():
         """One method's model, teacher, queue, optimizers and ``step(views, labels)`` (same order as tfssl)."""
 
         def __init__(self, method, backbone, width, hidden, dim, queue_size, lr, num_classes, hp, channels=3,
-                     mean=0.5, std=0.5, weight_decay=5e-4, momentum=0.9, autocast=None):
+                     mean=0.5, std=0.5, weight_decay=5e-4, momentum=0.9, autocast=None, projector_bn=None):
             self.method, self.hp, self.autocast = method, hp, autocast     # autocast: None or torch.bfloat16
             head = flops.METHOD_SHAPES[method]["head"]
+            if projector_bn and head == "mlp":          # the recipe's model.projector_bn (tfssl's build_mlp)
+                head = "mlp_bn"
             self.backbone = ResNet(backbone, width=width, channels=channels, mean=mean, std=std)
             feat = self.backbone.feature_dim
             if head == "wcl":

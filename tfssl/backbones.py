@@ -17,6 +17,7 @@ SPECS = {  # block type, blocks per stage, base widths
     "resnet34": ("basic", (3, 4, 6, 3), (64, 128, 256, 512)),
     "resnet50": ("bottleneck", (3, 4, 6, 3), (64, 128, 256, 512)),
     "tiny": ("basic", (1, 1, 1, 1), (8, 16, 32, 64)),
+    "small": ("basic", (1, 1, 1, 1), (16, 32, 64, 128)),     # 28-32 px images on CPUs: bench/QUALITY.md
 }
 
 
@@ -221,7 +222,7 @@ def build_backbone(name="resnet18", cifar_stem=True, width=1.0, sync_bn=False, c
     inputs = keras.Input((None, None, channels), name="images")
     mean, std = list(mean)[:channels], list(std)[:channels]
     x = layers.Normalization(mean=mean, variance=[s * s for s in std], name="normalize")(inputs)
-    stem = max(8, int(64 * width)) if name != "tiny" else int(widths[0] * width)
+    stem = max(8, int(64 * width)) if name not in ("tiny", "small") else int(widths[0] * width)
     if cifar_stem:
         x = _conv(stem, 3, 1, "stem_conv")(x)
         x = layers.ReLU()(_bn(sync_bn, "stem_bn")(x))

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-DEFAULT_RECIPE = "ressl_fashion_mnist"
+DEFAULT_RECIPE = "ressl_fashion_mnist_quick"
 SET_HELP = ("override a recipe key, repeatable: --set train.epochs=5 --set data.limit=2000 "
             "(values are YAML: numbers, true/false, [lists])")
 
