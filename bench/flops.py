@@ -24,7 +24,7 @@ SPECS = {
     "resnet34": ("basic", (3, 4, 6, 3), (64, 128, 256, 512)),
     "resnet50": ("bottleneck", (3, 4, 6, 3), (64, 128, 256, 512)),
     "tiny": ("basic", (1, 1, 1, 1), (8, 16, 32, 64)),
-    "small": ("basic", (1, 1, 1, 1), (16, 32, 64, 128)),     # 28-32 px images on CPUs: bench/QUALITY.md
+    "small": ("basic", (1, 1, 1, 1), (32, 64, 128, 256)),    # 28-32 px images on CPUs: bench/QUALITY.md
 }
 
 # per method: student passes, teacher passes, head layout ("mlp": Linear-ReLU-Linear; "mlp_bn": Linear-BN-ReLU-Linear;

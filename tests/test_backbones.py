@@ -6,11 +6,21 @@ import pytest
 from tfssl.backbones import SyncBatchNormalization, build_backbone, build_mlp, feature_dim
 
 
-@pytest.mark.parametrize("name,dim", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048), ("tiny", 64)])
+@pytest.mark.parametrize("name,dim", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048), ("small", 256),
+                                      ("tiny", 64)])
 def test_pooled_feature_size(name, dim):
     assert feature_dim(name) == dim
     model = build_backbone(name, cifar_stem=True)
     assert model(np.zeros((2, 32, 32, 3), "float32")).shape == (2, dim)
+
+
+def test_small_is_tiny_at_four_times_the_width_and_takes_28_px_gray_images():
+    """``small`` (the Fashion-MNIST recipes' backbone) has tiny's layout at widths 32-64-128-256, stem included, and
+    runs on the recipes' native 28×28×1 images."""
+    small, wide_tiny = build_backbone("small", channels=1), build_backbone("tiny", width=4.0, channels=1)
+    assert [w.shape for w in small.weights] == [w.shape for w in wide_tiny.weights]
+    assert small.get_layer("stem_conv").kernel.shape == (3, 3, 1, 32)
+    assert small(np.zeros((2, 28, 28, 1), "float32")).shape == (2, 256)
 
 
 def test_stems_and_stage3_map():

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.xdist_group("export_run")   # its module fixture is bui
 RUN = ["data.limit=128", "data.test_limit=64", "train.epochs=1", "train.batch_size=32", "train.steps_per_epoch=2",
        "train.verbose=0", "train.jit_compile=false", "model.backbone=tiny", "model.projector_hidden=32",
        "model.projector_dim=16", "method.queue_size=64", "eval.knn_train_limit=128", "eval.knn_k=10"]
+RUN += ["data.image_size=32", "augment.size=32", "data.channels=3", "model.backbone=tiny"]   # 32x32x3, as written
 
 
 def leftovers(parent):

@@ -145,7 +145,8 @@ def test_keras_core_and_keras_cv_layers_in_a_recipe():
     """augment.extra names a Keras core layer and a keras-cv layer: both run in the tf.data placement; on the device
     under XLA the core layer compiles and the keras-cv one (HistogramFixedWidth) is one clear error."""
     cfg = config.load("ressl_fashion_mnist", ["augment.extra=" + str(EXTRA).replace("'", '"'),
-                                              "model.projector_hidden=32", "method.queue_size=32"])
+                                              "model.projector_hidden=32", "method.queue_size=32", "augment.size=32",
+                                              "data.image_size=32", "data.channels=3"])
     assert cfg.augment.extra == EXTRA
     views = methods.views_for(cfg)
     assert [type(l.inner).__name__ for l in views.large[0].layers if isinstance(l, V.Extra)] == ["RandomColorJitter"]
@@ -158,7 +159,8 @@ def test_keras_core_and_keras_cv_layers_in_a_recipe():
     model.compile(SGD(0.1), jit_compile=True)
     with pytest.raises(config.ConfigError, match="HistogramFixedWidth has no XLA kernel"):
         model.make_train_function()
-    only_core = methods.views_for(config.load("ressl_fashion_mnist", ["augment.extra=" + str(EXTRA[:1])
+    only_core = methods.views_for(config.load("ressl_fashion_mnist", ["augment.size=32", "augment.extra="
+                                                                     + str(EXTRA[:1])
                                                                      .replace("'", '"')]))
     model = methods.build(cfg, num_classes=10, on_device_views=only_core)
     model.compile(SGD(0.1), jit_compile=True)
@@ -224,8 +226,8 @@ def test_an_extra_layer_that_fails_in_the_tf_data_graph_is_one_clear_error():
     """A layer that builds but cannot run on the recipe's images (colour jitter's saturation on 1-channel images)
     stops before training with one ConfigError naming the placement, not a tf.data traceback mid-epoch."""
     spec = [{"layer": "RandomColorJitter", "args": {"value_range": [0, 1], "saturation_factor": 0.5}}]
-    cfg = config.load("ressl_fashion_mnist", ["data.channels=1", "augment.extra=" + json.dumps(spec)])
-    with pytest.raises(config.ConfigError, match="fail on a uint8 \\[2, 32, 32, 1\\] batch in a TensorFlow graph"):
+    cfg = config.load("ressl_fashion_mnist", ["data.channels=1", "augment.size=28", "augment.extra=" + json.dumps(spec)])
+    with pytest.raises(config.ConfigError, match="fail on a uint8 \\[2, 28, 28, 1\\] batch in a TensorFlow graph"):
         methods.views_for(cfg)
 
 

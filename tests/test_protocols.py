@@ -19,6 +19,7 @@ pytestmark = pytest.mark.xdist_group("eval_run")   # its module fixture is built
 
 QUICK = ["data.limit=256", "data.test_limit=128", "train.epochs=1", "train.batch_size=64", "train.verbose=0",
          "train.jit_compile=false", "model.projector_hidden=64", "eval.knn_train_limit=256", "method.queue_size=256"]
+QUICK += ["data.image_size=32", "augment.size=32", "data.channels=3", "model.backbone=tiny"]   # 32x32x3, as written
 
 
 @pytest.fixture(scope="module")

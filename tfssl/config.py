@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"          # resnet18 | resnet34 | resnet50 | small (16-32-64-128) | tiny (8-16-32-64)
+    backbone: str = "resnet18"          # resnet18 | resnet34 | resnet50 | small (32-64-128-256) | tiny (8-16-32-64)
     cifar_stem: bool = True             # 3x3 stride-1 conv, no max-pool (small images)
     stem_pool: bool = False             # keep a 3x3/2 max-pool after the CIFAR stem (ReSSL's STL-10/Tiny-ImageNet)
     width: float = 1.0                  # width multiplier of every stage
