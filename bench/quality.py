@@ -15,7 +15,9 @@ minutes and images/s, CPU flags, the command of each row), ``OUT/results.md`` (t
 a horizontal line). Each run lives in ``OUT/<method>/``: run the same command again after a kill and pretraining
 resumes from its last backup (tfssl's exact resume); protocols already recorded in a run's summary.json are not
 run again. ``--minutes M`` stops a method's pretraining after M minutes of training (the schedule keeps the
-recipe's epochs); ``--quick`` is a few-minute smoke run (2 048 training images, 1 epoch, short protocols).
+recipe's epochs). The table accumulates across calls: a call replaces the rows of the methods it runs and keeps the
+others (with the date and CPU flags they were measured with), so each method can be run on its own, with its own
+``--set``, and its row names that command; ``--quick`` is a few-minute smoke run (2 048 training images, 1 epoch, short protocols).
 
     python bench/quality.py --quick
     python bench/quality.py                      # the full run (hours on 2 CPU cores)
@@ -128,7 +130,29 @@ def pct(x):
     return "—" if x is None else f"{100 * x:.1f}"
 
 
+def split(quick):
+    return "quick smoke run (2 048 train / 1 000 test)" if quick else "full split (60 000 train / 10 000 test)"
+
+
+def kept(out, methods, quick):
+    """The rows, curves and raw-pixel kNN of methods that an earlier call wrote to ``OUT/results.json`` and this call
+    does not run: the table accumulates across calls (each method can be run with its own ``--set``), and a method's
+    rows are replaced when it is run again. Rows of the other split (--quick or not) are not kept."""
+    path = os.path.join(out, "results.json")
+    if not os.path.isfile(path):
+        return [], {}, None
+    old = json.load(open(path))
+    if old.get("meta", {}).get("split") != split(quick):
+        return [], {}, None
+    rows = [{"date": old["meta"].get("date"), "cpu_flags": old["meta"].get("cpu_flags"), **r}
+            for r in old.get("results", []) if r["method"] not in methods]
+    curves = {r["method"]: tuple(r["curve"]) for r in rows if r["subject"] == "trained" and r.get("curve")}
+    pixels = [r["knn_weighted"] for r in rows if r["subject"] == "pixels"]
+    return rows, curves, pixels[-1] if pixels else None
+
+
 def write_outputs(out, results, meta):
+    results = [{"date": meta["date"], "cpu_flags": meta["cpu_flags"], **r} for r in results]
     with open(os.path.join(out, "results.json.tmp"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     os.replace(os.path.join(out, "results.json.tmp"), os.path.join(out, "results.json"))
@@ -144,6 +168,9 @@ def write_outputs(out, results, meta):
                                          "—" if r.get("images_per_second") is None else
                                          f"{r['images_per_second']:.0f}",
                                          pct(r.get("online_knn")), pct(r.get("online_probe"))]) + " |")
+    other = sorted({(r.get("date"), r.get("cpu_flags")) for r in results} - {(meta["date"], meta["cpu_flags"])})
+    lines += [f"Rows of {', '.join(sorted({r['method'] for r in results if (r.get('date'), r.get('cpu_flags')) == o}))}"
+              f" were measured on {o[0]} with CPU flags ({o[1]})." for o in other]
     lines += ["", "Reproduce a row: " + "; ".join(f"`{r['command']}`" for r in results if r["subject"] ==
                                                    "trained")]
     with open(os.path.join(out, "results.md"), "w") as f:
@@ -196,7 +223,7 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     import tensorflow as tf
     log = lambda msg: print(msg, flush=True)   # noqa: E731
-    results, curves, pixel_knn = [], {}, None
+    results, curves, pixel_knn = kept(out, methods, args.quick)
     for method in methods:
         workdir = os.path.join(out, method)
         t = time.perf_counter()
@@ -219,9 +246,12 @@ def main(argv=None):
         h = summary.get("history", {})
         curves[method] = ([s / 60 for s in h.get("knn_train_seconds", [])], h.get("knn_top1", []))
         meta = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
-                "cpu_flags": cpu_flags(), "tensorflow": tf.__version__,
-                "split": "quick smoke run (2 048 train / 1 000 test)" if args.quick else
-                "full split (60 000 train / 10 000 test)"}
+                "cpu_flags": cpu_flags(), "tensorflow": tf.__version__, "split": split(args.quick)}
+        for r in results:
+            if r["method"] == method:
+                r.update(date=meta["date"], cpu_flags=meta["cpu_flags"])
+                if r["subject"] == "trained":
+                    r["curve"] = list(curves[method])
         write_outputs(out, results, meta)
         plot(out, curves, pixel_knn)
     log(f"quality: wrote {os.path.join(out, 'results.md')}, results.json and knn_curve.png")
