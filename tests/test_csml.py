@@ -165,7 +165,7 @@ def test_short_run_mines_every_epoch_and_records_agreement(tmp_path):
     cfg = config.load("csml_fashion_mnist", ["data.limit=256", "data.test_limit=128", "train.epochs=2",
                                              "train.batch_size=64", "train.verbose=0", "train.jit_compile=false",
                                              "model.projector_hidden=64", "method.queue_size=256",
-                                             "eval.knn_train_limit=256"])
+                                             "eval.knn_train_limit=256", "model.backbone=tiny"])
     summary = pretrain(cfg, str(tmp_path), log=lambda *_: None)
     assert np.isfinite(summary["final_loss"]) and summary["history"]["cross_weight"] == [0.0, 0.5]
     minings = json.load(open(os.path.join(tmp_path, "summary.json")))["neighbour_label_agreement"]

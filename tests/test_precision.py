@@ -56,7 +56,8 @@ def test_pretrain_in_mixed_precision_records_the_choice_and_restores_the_policy(
     cfg = config.load("ressl_fashion_mnist", ["data.limit=128", "data.test_limit=64", "train.epochs=1",
                                               "train.batch_size=64", "train.verbose=0", "train.jit_compile=false",
                                               "model.projector_hidden=32", "method.queue_size=128",
-                                              "eval.knn_train_limit=128", f"train.precision={precision}"])
+                                              "eval.knn_train_limit=128", f"train.precision={precision}",
+                                              "model.backbone=tiny"])
     lines = []
     summary = pretrain(cfg, str(tmp_path), log=lines.append)
     assert np.isfinite(summary["final_loss"]) and summary["knn_top1"] is not None

@@ -12,7 +12,8 @@ from tfssl import cli, config
 from tfssl.train import pretrain
 
 QUICK = ["data.limit=384", "data.test_limit=256", "train.epochs=1", "train.batch_size=64", "train.verbose=0",
-         "train.jit_compile=false", "model.projector_hidden=64", "eval.knn_train_limit=384"]
+         "train.jit_compile=false", "model.projector_hidden=64", "eval.knn_train_limit=384",
+         "model.backbone=tiny"]   # the recipes' own `small` (4x the width): test_backbones; here the recipe's path
 
 
 @pytest.mark.slow
