@@ -17,7 +17,8 @@ resumes from its last backup (tfssl's exact resume); protocols already recorded 
 run again. ``--minutes M`` stops a method's pretraining after M minutes of training (the schedule keeps the
 recipe's epochs). The table accumulates across calls: a call replaces the rows of the methods it runs and keeps the
 others (with the date and CPU flags they were measured with), so each method can be run on its own, with its own
-``--set``, and its row names that command; ``--quick`` is a few-minute smoke run (2 048 training images, 1 epoch, short protocols).
+``--set``, and its row names that command. ``--quick`` is a few-minute smoke run (2 048 training images, 1 epoch,
+short protocols).
 
     python bench/quality.py --quick
     python bench/quality.py                      # the full run (hours on 2 CPU cores)
