@@ -55,6 +55,19 @@ def test_stop_names_the_step():
         _fit(model, [_batch(0), _batch(1, bad=[3]), _batch(2)], [callbacks.StopOnNonFinite()])
 
 
+def test_a_nan_the_fused_relu_hides_from_the_features_still_stops_training():
+    """One NaN kernel entry: its channel's batch statistics are NaN, and where Grappler fuses that BatchNorm with its
+    ReLU (the TF-graph step on oneDNN) the ReLU maps NaN to 0, so features and loss terms can stay finite; the
+    gradients of the layer cannot, and the step's loss carries them."""
+    model = _build("stop")
+    conv = model.backbone.get_layer("s1b1_conv1")
+    kernel = conv.kernel.numpy()
+    kernel[0, 0, 0, 0] = np.nan
+    conv.kernel.assign(kernel)
+    with pytest.raises(callbacks.NonFiniteLoss, match=r"epoch 1, step 1"):
+        _fit(model, [_batch(0), _batch(1)], [callbacks.StopOnNonFinite()])
+
+
 @pytest.mark.parametrize("replicas", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_skip_leaves_every_variable_as_it_was(replicas, mirrored):
     strategy = mirrored if replicas == 2 else None

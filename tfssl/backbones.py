@@ -65,14 +65,16 @@ def batch_norm_fused(x, gamma, beta, epsilon):
     over every axis but the last. Returns (y, μ, σ²) like :func:`batch_norm_train`: σ² biased, as
     ``tf.nn.moments`` (the op reports the Bessel-corrected n/(n−1)·σ², undone here); μ, σ² carry no gradient.
     Outside XLA this one kernel pair beats both autodiff's and the closed-form chain of separate ops (bench/NOTES.md
-    §5); under XLA the closed form fuses better.
+    §5); under XLA the closed form fuses better. Grappler may fuse the following ReLU into the op, whose ReLU maps
+    NaN to 0 on oneDNN CPUs: a NaN batch statistic then need not reach the features, but it reaches the gradients of
+    γ and β, and the train step's loss carries every gradient (:meth:`SSLMethod.train_step`), so ``train.on_nan``
+    still sees it (§7: the former per-layer guard, an extra pass over every activation, cost 20 % of a bf16 step).
     """
     four_d = x.shape.rank == 4
     rows = x if four_d else tf.reshape(x, (-1, 1, 1, x.shape[-1]))    # the op wants 4-D NHWC: any rank works so
     y, mean, variance = tf.compat.v1.nn.fused_batch_norm(rows, gamma, beta, epsilon=epsilon, is_training=True)[:3]
     n = tf.cast(tf.size(rows) // tf.shape(rows)[-1], variance.dtype)
     variance = variance * tf.maximum(n - 1.0, 1.0) / n
-    y = y + tf.stop_gradient(0.0 * mean)     # a NaN statistic stays NaN in y (a fused ReLU may map NaN to 0)
     return y if four_d else tf.reshape(y, tf.shape(x)), tf.stop_gradient(mean), tf.stop_gradient(variance)
 
 
@@ -96,9 +98,13 @@ class FusedBatchNormalization(layers.BatchNormalization):
         last_axis_only = list(self._reduction_axes) == list(range(len(inputs.shape) - 1))
         if not (last_axis_only and self._fused_ok(training, mask)):
             return super().call(inputs, training=training, mask=mask)
-        x = tf.cast(inputs, tf.float32)          # float32 statistics under mixed precision, as Keras's layer
-        kernel = batch_norm_train if self.kernel == "closed_form" else batch_norm_fused
-        y, mean, variance = kernel(x, tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32), self.epsilon)
+        if self.kernel == "closed_form":         # float32 statistics under mixed precision, as Keras's layer
+            y, mean, variance = batch_norm_train(tf.cast(inputs, tf.float32), tf.cast(self.gamma, tf.float32),
+                                                 tf.cast(self.beta, tf.float32), self.epsilon)
+        else:   # FusedBatchNormV3 takes 16-bit x with float32 γ, β and accumulates in float32: no casts (§7)
+            x = inputs if inputs.dtype in (tf.bfloat16, tf.float16) else tf.cast(inputs, tf.float32)
+            y, mean, variance = batch_norm_fused(x, tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32),
+                                                 self.epsilon)
         m = self.momentum                         # the moving statistics are float32 variables
         self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
         self.moving_variance.assign(self.moving_variance * m + variance * (1.0 - m))

@@ -306,10 +306,14 @@ class SSLMethod(KerasNative, distribute.MultiWorkerFit, keras.Model):
             with tf.control_dependencies([views[0]]):
                 self.update_teacher()
         loss, out, grads = self.loss_and_gradients(views)
-        # a NaN in the views or the features must reach the loss: fused oneDNN kernels (MatMul + ReLU in the
-        # projector) can map NaN to 0 on some CPUs and hide it; 0·x adds nothing when everything is finite
-        loss = loss + 0.0 * tf.add_n([tf.reduce_sum(tf.stop_gradient(tf.cast(t, loss.dtype)))
-                                      for t in (out["features"],) + tuple(views)])
+        # a NaN in the views, the features or the gradients must reach the loss: fused oneDNN kernels (MatMul +
+        # ReLU in the projector, BatchNorm + ReLU in the backbone) can map NaN to 0 on some CPUs and hide it from
+        # the features, not from the gradients; 0·x adds nothing when everything is finite. mixed_float16's scaled
+        # gradients may overflow legitimately (its LossScaleOptimizer then skips the step and lowers the scale)
+        guarded = (out["features"],) + tuple(views)
+        if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer) or skip:
+            guarded += tuple(grads)
+        loss = loss + 0.0 * tf.add_n([tf.reduce_sum(tf.stop_gradient(tf.cast(t, loss.dtype))) for t in guarded])
         finite = tf.constant(True)
         if skip:
             finite, grads = self.agree_finite(loss, grads)
