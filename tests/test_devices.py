@@ -13,12 +13,13 @@ from tfssl.export import plain_backbone
 AVX2 = frozenset("fpu sse4_1 sse4_2 avx fma avx2".split())
 AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
 AVX512_BF16 = AVX512 | {"avx512_bf16"}
-KINDS = {"avx2": Device("cpu", AVX2), "avx512": Device("cpu", AVX512), "bf16": Device("cpu", AVX512_BF16),
+KINDS = {"avx2": Device("cpu", AVX2), "generic": Device("cpu", frozenset("fpu sse4_1 sse4_2 avx".split())), "avx512": Device("cpu", AVX512), "bf16": Device("cpu", AVX512_BF16),
          "amx": Device("cpu", AVX512 | {"amx_bf16", "amx_tile"}), "v100": Device("gpu", compute_capability=(7, 0)),
          "a100": Device("gpu", compute_capability=(8, 0)), "k80": Device("gpu", compute_capability=(3, 7)),
          "tpu": Device("tpu")}
 # device → (jit, conv, chunk MB, batch norm, precision) under jit/kernels/precision = auto
-EXPECTED = {"avx2": (True, "chunked", 2, "closed_form", "float32"),
+EXPECTED = {"avx2": (False, "chunked", 8, "fused_v3", "float32"),
+            "generic": (False, "chunked", 8, "fused_v3", "float32"),
             "avx512": (False, "chunked", 8, "fused_v3", "float32"),
             "bf16": (False, "chunked", 8, "fused_v3", "mixed_bfloat16"),
             "amx": (False, "chunked", 8, "fused_v3", "mixed_bfloat16"),
@@ -141,3 +142,24 @@ def test_an_exported_backbone_holds_stock_layers_whatever_the_plan():
         assert {type(l) for l in plain.layers if isinstance(l, keras.layers.Conv2D)} == {keras.layers.Conv2D}
         assert {type(l) for l in plain.layers if isinstance(l, keras.layers.BatchNormalization)} == \
             {keras.layers.BatchNormalization}
+
+
+@pytest.mark.parametrize("flags,kind,precision", [
+    ("fpu sse4_2 avx fma avx2", "avx2", "float32"),                      # AMD EPYC (Zen 2/3), Intel Haswell+
+    ("fpu avx2 fma avx512f avx512bw avx512vl", "avx512", "float32"),      # Skylake-SP, Ice Lake
+    ("fpu avx2 fma avx512f avx512_bf16 avx512_vnni", "avx512_bf16", "mixed_bfloat16"),   # Zen 4/5, Cooper Lake
+    ("fpu avx2 fma avx512f amx_bf16 amx_tile", "avx512_bf16", "mixed_bfloat16"),          # Sapphire Rapids
+    ("fpu sse4_2 avx", "generic", "float32")])
+def test_a_cpuinfo_file_gives_its_kinds_row_of_choices(tmp_path, flags, kind, precision):
+    """The per-kind decision from a fake /proc/cpuinfo: kind, then the CPU_CHOICES row (graph on every kind
+    measured, bf16 where the CPU has bf16 arithmetic), with the row's reason in the log line."""
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    device = Device("cpu", devices.cpu_flags(str(info)))
+    assert device.cpu_kind == kind
+    p = plan(device, "auto", "auto", "auto")
+    jit, row_precision, why = devices.CPU_CHOICES[kind]
+    assert (p.jit, p.precision) == (jit, precision) == (False, row_precision)
+    assert p.reasons["jit"] == f"auto: {why}" and why in p.describe()
+    assert (p.conv, p.batch_norm) == ("chunked", "fused_v3")        # the graph's tuned kernels
+    assert plan(device, True, "auto", "auto").batch_norm == "closed_form"   # an explicit XLA step: its kernels

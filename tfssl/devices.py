@@ -8,11 +8,14 @@ precision, each with the reason. The log's ``train step:`` line prints :meth:`Pl
 
 What ``auto`` picks, and the measurement behind it (bench/NOTES.md):
 
-* **CPU** — XLA unless the CPU has AVX-512, where TensorFlow's graph with oneDNN kernels runs a ResNet-18 step 1.2×
-  faster (§5; on an AVX2 CPU XLA was 1.1× faster, §1). Training kernels are tfssl's tuned ones, per compile mode:
-  under XLA the closed-form BatchNorm gradient and 2 MB kernel-gradient chunks (§4, 1.18× per step), in the graph
-  FusedBatchNormV3 and 8 MB chunks (§5, 1.10× and 1.08×). Precision ``mixed_bfloat16`` where the CPU has bf16
-  arithmetic (``avx512_bf16`` or AMX: 1.54× per ReSSL step, §5b), float32 otherwise.
+* **CPU** — one row per CPU kind in :data:`CPU_CHOICES` (the measurements are bench/NOTES.md §5 and §7 and the
+  per-kind table of bench/README.md): TensorFlow's graph with oneDNN kernels, no XLA, on every kind measured
+  (AVX-512: 1.2× XLA for a ResNet-18 step, §5; AVX2, emulated on an AVX-512 CPU: 1.17–1.24× XLA end to end for
+  the Fashion-MNIST recipes and level for a ResNet-18 step, §7, once Grappler fuses BatchNorm + ReLU). Training
+  kernels are tfssl's tuned ones, per compile mode: under XLA the closed-form BatchNorm gradient and 2 MB
+  kernel-gradient chunks (§4), in the graph FusedBatchNormV3 (16-bit activations taken directly) and 8 MB chunks
+  (§5). Precision ``mixed_bfloat16`` where the CPU has bf16 arithmetic (``avx512_bf16`` or AMX: 1.54× per ReSSL
+  step, §5b), float32 otherwise.
 * **GPU / TPU** — XLA (a TPU has no other mode), Keras's stock layers (cuDNN / XLA's own convolutions and batch
   norm): tfssl's kernels were tuned on 2 CPU cores and never measured there. Precision: ``mixed_bfloat16`` on TPUs
   and on GPUs of compute capability ≥ 8 (Ampere and newer: bf16 tensor cores, no loss scaling), ``mixed_float16``
@@ -34,6 +37,14 @@ import tensorflow as tf
 KERNEL_SETTINGS = ("auto", "stock", "tuned")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 CHUNK_BYTES = {True: 2 << 20, False: 8 << 20}      # conv kernel-gradient chunk under XLA / in TF's graph
+# CPU kind → (jit, precision, why): measured per kind (bench/NOTES.md); a new kind gets a row once measured
+CPU_CHOICES = {
+    "avx512_bf16": (False, "mixed_bfloat16", "CPU with AVX-512 and bf16 arithmetic: oneDNN graph, bf16 "
+                                             "(bench/NOTES.md §5, §5b, §7)"),
+    "avx512": (False, "float32", "CPU with AVX-512: oneDNN graph (bench/NOTES.md §5)"),
+    "avx2": (False, "float32", "CPU with AVX2: oneDNN graph, 1.17-1.24x XLA end to end (bench/NOTES.md §7)"),
+    "generic": (False, "float32", "CPU without AVX2: TensorFlow's default graph (not measured)"),
+}
 _ISA_ORDER = ("sse41", "avx", "avx2", "avx512_core", "avx512_core_vnni", "avx512_core_bf16", "avx512_core_amx")
 
 
@@ -145,9 +156,8 @@ def _jit(device, setting, multi_worker, deterministic=False):
         return True, "auto: TPU"
     if device.kind == "gpu":
         return True, "auto: GPU"
-    if device.cpu_kind.startswith("avx512"):
-        return False, "auto: CPU with AVX-512, oneDNN graph (bench/NOTES.md §5)"
-    return True, "auto: CPU without AVX-512 (bench/NOTES.md §1)"
+    jit, _, why = CPU_CHOICES[device.cpu_kind]
+    return jit, f"auto: {why}"
 
 
 def _kernels(device, setting, jit):
@@ -178,9 +188,9 @@ def _precision(device, setting):
         if major == 7:
             return "mixed_float16", "auto: GPU sm_7x (fp16 tensor cores, loss scaling)"
         return "float32", "auto: GPU without tensor cores"
-    if device.cpu_kind == "avx512_bf16":
-        return "mixed_bfloat16", "auto: CPU with bf16 arithmetic (bench/NOTES.md §5b)"
-    return "float32", "auto: CPU without bf16 arithmetic"
+    precision = CPU_CHOICES[device.cpu_kind][1]
+    return precision, ("auto: CPU with bf16 arithmetic (bench/NOTES.md §5b)" if precision == "mixed_bfloat16" else
+                       "auto: CPU without bf16 arithmetic")
 
 
 def plan(device: Device, jit_compile="auto", kernels="auto", precision="float32", multi_worker=False,
