@@ -76,21 +76,10 @@ def timed_fit(model, ds, steps):
 
 def op_times(logdir):
     """{op type: thread-seconds} from the profiler's XSpace under ``logdir`` (TF executor events ``name:Type``)."""
-    import collections
-    import glob
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
-    space = xplane_pb2.XSpace()
-    with open(sorted(glob.glob(os.path.join(logdir, "plugins/profile/*/*.xplane.pb")))[-1], "rb") as f:
-        space.ParseFromString(f.read())
-    totals = collections.Counter()
-    for plane in space.planes:
-        names = {k: v.name for k, v in plane.event_metadata.items()}
-        for line in plane.lines:
-            for event in line.events:
-                name = names.get(event.metadata_id, "")
-                if ":" in name and not name.startswith(("Iterator", "Memory")):
-                    totals[name.rsplit(":", 1)[1]] += event.duration_ps / 1e12
-    return totals
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from xspace import event_seconds
+    return event_seconds(logdir, lambda n: n.rsplit(":", 1)[1] if ":" in n and not n.startswith(("Iterator",
+                                                                                                   "Memory")) else None)
 
 
 def profile(variant, model, batches, one, steps, top):

@@ -12,7 +12,6 @@ transposes and reduce-window loops.
 """
 import argparse
 import collections
-import glob
 import os
 import re
 import sys
@@ -30,19 +29,9 @@ HLO_NAME = re.compile(r"^[a-z_\-]+(\.\d+)?$")
 
 def thunk_times(logdir, steps):
     """{instruction name: thread-seconds per step} from the profiler's XSpace under ``logdir``."""
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
-    space = xplane_pb2.XSpace()
-    with open(sorted(glob.glob(os.path.join(logdir, "plugins/profile/*/*.xplane.pb")))[-1], "rb") as f:
-        space.ParseFromString(f.read())
-    totals = collections.Counter()
-    for plane in space.planes:
-        names = {k: v.name for k, v in plane.event_metadata.items()}
-        for line in plane.lines:
-            for event in line.events:
-                name = names.get(event.metadata_id, "")
-                if HLO_NAME.match(name) and name != "one_step_on_data":
-                    totals[name] += event.duration_ps / 1e12 / steps
-    return totals
+    from xspace import event_seconds
+    totals = event_seconds(logdir, lambda n: n if HLO_NAME.match(n) and n != "one_step_on_data" else None)
+    return collections.Counter({name: seconds / steps for name, seconds in totals.items()})
 
 
 def main():

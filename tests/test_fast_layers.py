@@ -222,3 +222,28 @@ def test_chunked_conv_layer_falls_back_for_other_convolutions():
         ref.build(x.shape)
         ref.set_weights(ours.get_weights())
         np.testing.assert_allclose(ours(x).numpy(), ref(x).numpy(), atol=1e-6)
+
+
+def test_bf16_activations_enter_fused_batch_norm_directly_and_match_float64():
+    """Under mixed_bfloat16 the graph kernel feeds bf16 x to FusedBatchNormV3 (no cast, float32 statistics):
+    output, batch statistics and the input gradient match the float64 formula on the same bf16 values."""
+    layer = FusedBatchNormalization(momentum=0.0, epsilon=1e-5, dtype="mixed_bfloat16")
+    rng = np.random.default_rng(11)
+    x = tf.cast(rng.normal(1.0, 2.0, (16, 5, 5, 6)).astype("float32"), tf.bfloat16)
+    dy = rng.normal(0, 1, (16, 5, 5, 6))
+    layer.build(x.shape)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) * dy.astype("float32"))
+    dx = tape.gradient(loss, x)
+    assert y.dtype == tf.bfloat16 and dx.dtype == tf.bfloat16
+    x64 = x.numpy().astype("float64")
+    mean, var = x64.mean((0, 1, 2)), x64.var((0, 1, 2))
+    ref = (x64 - mean) / np.sqrt(var + 1e-5)
+    # d/dx of Σ dy·x̂ for batch-statistic BatchNorm (γ = 1)
+    ref_dx = (dy - dy.mean((0, 1, 2)) - ref * (dy * ref).mean((0, 1, 2))) / np.sqrt(var + 1e-5)
+    np.testing.assert_allclose(y.numpy().astype("float64"), ref, atol=0.03)        # bf16 output: 8 bits
+    np.testing.assert_allclose(dx.numpy().astype("float64"), ref_dx, atol=0.03 * np.abs(ref_dx).max())
+    np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6)     # float32 statistics
+    np.testing.assert_allclose(layer.moving_variance.numpy(), var, rtol=1e-4)
