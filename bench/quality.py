@@ -222,6 +222,7 @@ def main(argv=None):
             p.error(f"unknown or no {what}(s) {bad}; choose from {', '.join(valid)}")
     out = args.out or os.path.join("runs", "quality_quick" if args.quick else "quality")
     os.makedirs(out, exist_ok=True)
+    import tfssl  # noqa: F401  (first: it sets TensorFlow's C++ log level, else every epoch prints Grappler warnings)
     import tensorflow as tf
     log = lambda msg: print(msg, flush=True)   # noqa: E731
     results, curves, pixel_knn = kept(out, methods, args.quick)

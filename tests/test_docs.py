@@ -1,5 +1,6 @@
-"""Docs that run: every Python block of the README (in order, one fresh process, in a scratch directory holding a tiny
-export at ``exports/wcl_tiny``) and the Python block of an export's model-card README (in the export directory).
+"""Docs that run: every Python block of the README (in order, one fresh process, in a scratch directory; the export
+block loads the zoo backbone shipped in export/models/) and the Python block of an export's model-card README (in a
+tiny export's directory).
 A moved function or a renamed endpoint fails here instead of a user."""
 import os
 import re

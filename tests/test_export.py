@@ -184,8 +184,8 @@ def test_model_card_fields_and_hashes_match_the_files(run):
         data = open(os.path.join(out, rel), "rb").read()
         assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, rel
     summary, training = run["summary"], card["training"]
-    assert (training["method"], training["backbone"], training["dataset"], training["epochs"]) == \
-        ("ressl", "tiny", "fashion_mnist", 1)
+    assert (training["method"], training["backbone"], training["width"], training["dataset"], training["epochs"]) == \
+        ("ressl", "tiny", 1.0, "fashion_mnist", 1)
     recipe = open(os.path.join(run["workdir"], "config.yaml"), "rb").read()
     assert training["recipe_sha256"] == hashlib.sha256(recipe).hexdigest()
     assert card["evaluation"]["knn_top1"] == summary["knn_top1"]

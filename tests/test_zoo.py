@@ -117,3 +117,54 @@ def test_check_parity_catches_a_changed_file(exported, tmp_path, monkeypatch):
     monkeypatch.setattr(zoo, "_check_files", lambda root, files: [])        # and the features on their own
     with pytest.raises(zoo.ZooError, match="keras backbone's features differ"):
         zoo.check_parity("tiny_copy", manifest)
+
+
+METHODS = ("ressl", "wcl", "csml", "simclr", "mocov2")
+MODELS = os.path.join(os.path.dirname(zoo.MANIFEST), "models")
+
+
+def _shipped():
+    """Manifest entries whose files are committed under export/models/."""
+    return {n: e for n, e in zoo.read_manifest()["models"].items() if e["location"].startswith("models/")}
+
+
+def test_every_method_ships_a_small_fashion_mnist_backbone_that_loads_offline_by_name():
+    """A fresh clone holds each method's Fashion-MNIST backbone (every file under 2 MB, hashes checked by ``load``)
+    and ``tfssl.zoo.load("<method>_fashion_mnist")`` gives a Keras model of 28×28 gray images → features; every
+    directory under export/models/ is a manifest entry and the other way round."""
+    shipped = _shipped()
+    assert sorted(shipped) == sorted(f"{m}_fashion_mnist" for m in METHODS)
+    assert sorted(os.listdir(MODELS)) == sorted(os.path.basename(e["location"]) for e in shipped.values())
+    x = np.random.default_rng(0).uniform(0, 1, (2, 28, 28, 1)).astype("float32")
+    for name, e in shipped.items():
+        assert e["training"]["method"] == name.split("_")[0] and e["training"]["dataset"] == "fashion_mnist"
+        assert e["training"]["num_train"] == 60000
+        for rel, meta in e["files"].items():
+            assert meta["bytes"] < 2 * 1024 * 1024, f"{name}/{rel} is {meta['bytes']} bytes"
+        backbone = zoo.load(name, trainable=False)
+        features = np.asarray(backbone(x, training=False))
+        assert features.shape == (2, e["output"]["features"][1]) and np.all(np.isfinite(features))
+        assert zoo.path(name) == os.path.join(MODELS, os.path.basename(e["location"]))
+
+
+@pytest.mark.slow     # five SavedModels and ONNX sessions
+def test_every_shipped_backbone_gives_its_recorded_features_in_every_format():
+    for name in _shipped():
+        errors = zoo.check_parity(name)
+        assert set(errors) == {"keras", "savedmodel_serve", "savedmodel_uint8", "onnx"}, errors
+        assert max(errors.values()) <= 1e-4, (name, errors)
+
+
+def test_a_shipped_file_that_changed_is_refused_by_name(tmp_path):
+    """A clone whose shipped file was altered (a bad merge, a partial checkout) is refused, naming the file."""
+    import shutil
+    name, e = sorted(_shipped().items())[0]
+    copy = tmp_path / "models" / os.path.basename(e["location"])
+    shutil.copytree(zoo.path(name), copy)
+    manifest = str(tmp_path / "zoo.json")
+    json.dump({"format_version": 1, "models": {name: e}}, open(manifest, "w"))
+    assert zoo.path(name, manifest) == str(copy)
+    with open(copy / "backbone.keras", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(zoo.ZooError, match=r"does not match the manifest: backbone.keras \(sha256 differs\)"):
+        zoo.load(name, manifest=manifest)

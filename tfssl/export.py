@@ -40,7 +40,7 @@ from tfssl.backbones import ChunkedGradConv2D, FusedBatchNormalization
 FORMATS = ("savedmodel", "onnx", "keras")
 ONNX_OPSET = 17
 PARITY_RTOL = 1e-4          # export fails above this relative error (max |Δ| / max |reference|)
-TRAINING_KEYS = ("method", "backbone", "dataset", "epochs", "steps", "batch_size", "num_train", "replicas",
+TRAINING_KEYS = ("method", "backbone", "width", "dataset", "epochs", "steps", "batch_size", "num_train", "replicas",
                  "strategy", "final_loss", "recipe_sha256", "checkpoint", "checkpoint_sha256")
 EVAL_KEYS = ("knn_top1", "knn_top5", "probe_top1", "knn", "linear", "semi")
 
@@ -184,10 +184,16 @@ def _versions():
             "python": platform.python_version()}
 
 
+def _width(width):
+    """`` at width 0.5`` for a width multiplier other than 1 (none recorded: the README says nothing)."""
+    return f" at width {width:g}" if width not in (None, 1, 1.0) else ""
+
+
 def _readme(card):
     t, files, evaluation = card["training"], card["files"], json.dumps(card["evaluation"])
     return "\n".join([
-        f"# {card['name']}: {t['method']} {t['backbone']} backbone, {card['output']['features'][1]}-d features", "",
+        f"# {card['name']}: {t['method']} {t['backbone']}{_width(t.get('width'))} backbone, "
+        f"{card['output']['features'][1]}-d features", "",
         f"Pretrained with tfssl on {t['dataset']} for {t['epochs']} epochs; evaluation: {evaluation}", "",
         "Inputs (normalisation is inside every format):",
         *[f"- {k}: {v}" for k, v in card["input"]["endpoints"].items()],
@@ -360,7 +366,8 @@ def export_run(workdir, out_dir, checkpoint=None, **kw):
         raise ExportError(f"checkpoint {checkpoint} does not fit the model of {recipe} ({type(cfg.method).method_name},"
                           f" backbone {cfg.model.backbone}, width {cfg.model.width}); was it written by another run "
                           f"or backbone? Keras: {detail}") from None
-    summary = {"method": type(cfg.method).method_name, "backbone": cfg.model.backbone, "dataset": source.name,
+    summary = {"method": type(cfg.method).method_name, "backbone": cfg.model.backbone, "width": cfg.model.width,
+               "dataset": source.name,
                **summary, "recipe_sha256": sha256_file(recipe), "checkpoint": os.path.abspath(checkpoint),
                "checkpoint_sha256": sha256_file(checkpoint)}
     kw.setdefault("input_size", cfg.export.input_size or cfg.augment.size)

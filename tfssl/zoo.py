@@ -2,12 +2,14 @@
 
 An entry is the model card of a ``tfssl export`` directory (method, backbone, dataset, evaluation, input spec,
 files with sizes and SHA-256) plus ``location``: where the exported directory lives (a path relative to the
-manifest, an absolute path or a URL). Exported files are never committed; the manifest is.
+manifest, an absolute path or a URL). The small Fashion-MNIST backbones, one per method (≈ 1 MB per format), are
+committed under ``export/models/`` and load offline by name; larger exports are listed with their ``location`` only.
 
     tfssl zoo add runs/wcl_fmnist/export --name wcl_tiny_fmnist       # add (or --replace) an entry
     tfssl zoo verify ~/Downloads/backbone.onnx                        # a file: found by its hash
     tfssl zoo verify path/to/export --name wcl_tiny_fmnist            # a directory: every file of the entry
-    layer = tfssl.zoo.load("wcl_tiny_fmnist")                         # Keras model, trainable, for fine-tuning
+    layer = tfssl.zoo.load("ressl_fashion_mnist")                     # Keras model, trainable, for fine-tuning
+    tfssl.zoo.path("ressl_fashion_mnist")                             # its verified directory (SavedModel, ONNX)
 """
 from __future__ import annotations
 
@@ -115,6 +117,14 @@ def verify(path, name=None, manifest=MANIFEST):
             return model_name
     raise ZooError(f"{path} (sha256 {digest[:16]}…) matches no file of "
                    f"{'zoo entry ' + repr(name) if name else 'any zoo entry'}; the download is corrupt or not ours")
+
+
+def path(name_or_path, manifest=MANIFEST):
+    """The local directory of a zoo backbone, every file checked against the manifest (size and SHA-256): for the
+    SavedModel (``path(name) + "/saved_model"``, e.g. ``keras.layers.TFSMLayer``) or the ONNX file. An export
+    directory is returned as it is. The ``<method>_fashion_mnist`` backbones ship in this repository
+    (``export/models/``), so this works offline on a fresh clone; ZooError for an entry whose files live elsewhere."""
+    return _resolve(name_or_path, manifest)
 
 
 def _resolve(name_or_path, manifest):
