@@ -179,7 +179,7 @@ def test_launch_local_pretrain_equals_two_replicas_in_one_process(tmp_path, caps
     the epoch pipeline split over the workers, backups, kNN) and ends with the very weights of the same recipe on
     MirroredStrategy over 2 logical CPUs; only the chief writes the run directory."""
     from tfssl import cli
-    sets = ["data.limit=256", "data.test_limit=128", "train.epochs=1", "train.batch_size=64", "train.verbose=0",
+    sets = ["data.limit=128", "data.test_limit=128", "train.epochs=1", "train.batch_size=64", "train.verbose=0",
             "model.backbone=tiny", "model.projector_hidden=32", "eval.knn_train_limit=256", "method.queue_size=256",
             "train.deterministic=true", "train.jit_compile=false",
             "eval.baselines=[]"]    # the closing baselines table: tested in test_train; here ~10 s on 2 busy cores

@@ -97,9 +97,11 @@ def test_sigkill_mid_epoch_then_same_command_equals_uninterrupted(recipe, sets, 
         code, out = _run(recipe, killed, sets, capsys)
         assert code == 0 and "all 3 epochs of this run are done" in out
         assert json.load(open(killed / "summary.json")) == sb
-        # the control (formerly its own test): the equality is not vacuous, another data seed ends elsewhere
-        assert _run(recipe, tmp_path / "seed1", sets + ["data.seed=1"], capsys)[0] == 0
-        c = h5_weights(tmp_path / "seed1" / "checkpoints" / "last.weights.h5")
+        # the control: the equality is not vacuous — the last epoch alone moves the state 1000× beyond the
+        # tolerance, so a resume that lost or replayed part of it would end elsewhere (the former control, a run
+        # with another data seed, cost ~20 s more)
+        c = h5_weights(whole / "backup" / "epoch-0002" / "state.weights.h5")
+        assert c.keys() == a.keys()
         assert max(float(np.max(np.abs(a[n].astype(float) - c[n].astype(float)))) for n in a if a[n].size) > 1e-3
 
 
