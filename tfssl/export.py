@@ -186,7 +186,7 @@ def _versions():
 
 def _width(width):
     """`` at width 0.5`` for a width multiplier other than 1 (none recorded: the README says nothing)."""
-    return f" at width {width:g}" if width not in (None, 1, 1.0) else ""
+    return f" at width {width:g}" if width not in (None, 1) else ""
 
 
 def _readme(card):
