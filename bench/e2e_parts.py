@@ -43,7 +43,8 @@ def build(method, sets):
     source = data.load_source(cfg.data)
     steps = plan_steps(cfg, source.num_train)
     views = methods.views_for(cfg, steps)
-    plan = distribute.train_plan(cfg.train.jit_compile, cfg.train.kernels, cfg.train.precision)
+    plan = distribute.train_plan(cfg.train.jit_compile, cfg.train.kernels, cfg.train.precision,
+                                 views=cfg.train.views_parallelism)
     previous = keras.mixed_precision.dtype_policy()
     keras.mixed_precision.set_dtype_policy(plan.precision)
     try:
@@ -54,7 +55,7 @@ def build(method, sets):
     finally:
         keras.mixed_precision.set_dtype_policy(previous)
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-    batches = model.make_pipeline(source, views, cfg, steps, epoch)
+    batches = model.make_pipeline(source, views, cfg, steps, epoch, views_parallelism=plan.views_parallelism)
     return cfg, model, batches, plan
 
 

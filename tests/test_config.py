@@ -304,3 +304,11 @@ def test_dump_roundtrip(tmp_path, raw):
     out2 = str(tmp_path / "again.yaml")
     C.dump(back, out2)
     assert open(out2).read() == open(out).read()
+
+
+def test_views_parallelism_takes_auto_autotune_or_a_positive_count():
+    for good in ("auto", "autotune", 1, 4):
+        assert C.load("ressl_fashion_mnist", [f"train.views_parallelism={good}"]).train.views_parallelism == good
+    for bad in ("fast", 0, -2, 1.5, "true"):
+        with pytest.raises(ConfigError, match="train.views_parallelism=.* is not auto, autotune or a positive"):
+            C.load("ressl_fashion_mnist", [f"train.views_parallelism={bad}"])

@@ -49,8 +49,8 @@ def test_explicit_settings_win_and_kernels_follow_the_compile_mode():
                 ("chunked", (2 if jit else 8) << 20, "closed_form" if jit else "fused_v3")
             stock = plan(device, jit, "stock", "mixed_bfloat16")
             assert (stock.conv, stock.conv_chunk_bytes, stock.batch_norm) == ("stock", None, "stock")
-            assert stock.reasons == {"jit": "train.jit_compile", "kernels": "train.kernels=stock",
-                                     "precision": "train.precision"}
+            assert {k: stock.reasons[k] for k in ("jit", "kernels", "precision")} == \
+                {"jit": "train.jit_compile", "kernels": "train.kernels=stock", "precision": "train.precision"}
     with pytest.raises(ValueError, match="train.kernels"):
         plan(KINDS["avx2"], "auto", "fast", "float32")
 
@@ -163,3 +163,49 @@ def test_a_cpuinfo_file_gives_its_kinds_row_of_choices(tmp_path, flags, kind, pr
     assert p.reasons["jit"] == f"auto: {why}" and why in p.describe()
     assert (p.conv, p.batch_norm) == ("chunked", "fused_v3")        # the graph's tuned kernels
     assert plan(device, True, "auto", "auto").batch_norm == "closed_form"   # an explicit XLA step: its kernels
+    calls, why_views = devices.CPU_VIEWS[kind]                       # the input pipeline's views: the kind's row
+    assert p.views_parallelism == calls and p.reasons["views"] == f"auto: {why_views}"
+    assert f"views {calls or 'AUTOTUNE'} in flight" in p.describe()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_views_parallelism_auto_per_kind_and_explicit_settings(kind):
+    """``train.views_parallelism``: auto takes the CPU kind's row (accelerators keep tf.data's AUTOTUNE), a number
+    or ``autotune`` wins on every device, anything else is one error naming the key."""
+    device = KINDS[kind]
+    auto = plan(device, "auto", "auto", "auto").views_parallelism
+    assert auto == (devices.CPU_VIEWS[device.cpu_kind][0] if device.kind == "cpu" else None)
+    assert plan(device, "auto", "auto", "auto", views=3).views_parallelism == 3
+    explicit = plan(device, "auto", "auto", "auto", views="autotune")
+    assert explicit.views_parallelism is None and explicit.reasons["views"] == "train.views_parallelism"
+    for bad in (0, -1, 1.5, True, "fast"):
+        with pytest.raises(ValueError, match="train.views_parallelism"):
+            plan(device, "auto", "auto", "auto", views=bad)
+
+
+def test_the_views_parallelism_reaches_every_pretraining_pipeline():
+    """The plan's number is the views map's ``num_parallel_calls`` (None: AUTOTUNE) in the epoch and pair
+    pipelines and in the base method's hook; the batches are the same whatever it is (a deterministic map)."""
+    from tfssl import config, data, pipeline
+    from tfssl.cutmix import cutmix
+    from tfssl.methods.base import SSLMethod
+
+    def views(images, **_):
+        x = tf.cast(images, tf.float32)
+        return x + 1.0, x * 2.0
+
+    def calls(ds):                            # the views map sits under the final prefetch
+        return int(ds._input_dataset._num_parallel_calls)
+    x = np.random.default_rng(0).integers(0, 255, (40, 8, 8, 1), dtype=np.uint8)
+    source = data.from_numpy(x, np.arange(40) % 4, cfg=config.DataConfig(name="numpy", image_size=8))
+    table = tf.Variable(np.tile(np.arange(40, dtype=np.int32)[:, None], (1, 2)))
+    cfg = config.load("ressl_fashion_mnist", ["data.seed=3"])
+    makers = {"epoch": lambda p: pipeline.epoch_pipeline(source, 4, 3, None, views, seed=3, views_parallelism=p),
+              "pair": lambda p: pipeline.pair_pipeline(source, table, views, 4, cutmix, seed=3, views_parallelism=p),
+              "hook": lambda p: SSLMethod.make_pipeline(None, source, views, cfg, 3, None, views_parallelism=p)}
+    for name, make in makers.items():
+        assert (calls(make(1)), calls(make(2)), calls(make(None))) == (1, 2, tf.data.AUTOTUNE), name
+        one, auto = (list(make(p).take(3).as_numpy_iterator()) for p in (1, None))
+        for a, b in zip(one, auto):
+            for u, v in zip(a["views"], b["views"]):
+                np.testing.assert_array_equal(u, v)

@@ -90,6 +90,8 @@ class TrainConfig:
     on_nan: str = "stop"                    # non-finite loss: stop (keep the last good backup) | skip the update
     knn_every: int = 1                      # run the kNN monitor every N epochs (0 = only at the end)
     max_minutes: Optional[float] = None     # stop after this many training minutes (the schedule keeps epochs)
+    views_parallelism: Any = "auto"         # batches of views made at once in the input pipeline: auto (per device,
+    #                                         tfssl.devices) | autotune (tf.data's) | N
     verbose: int = 1
 
 
@@ -157,6 +159,8 @@ def register_method(name: str, params_cls) -> None:
     METHOD_PARAMS[name] = params_cls
 
 
+# keys that take one of these words or a positive integer
+WORD_OR_COUNT = {("train", "views_parallelism"): ["auto", "autotune"]}
 # list keys whose every entry must be one of these
 LIST_CHOICES = {("train", "wd_exclude"): ["bn", "bias"], ("eval", "baselines"): ["knn", "linear", "semi"]}
 
@@ -225,6 +229,9 @@ def _build(section: str, cls, values: Dict[str, Any], source: str):
         if choices and not any(type(value) is type(c) and value == c for c in choices):   # 1 is not true
             raise ConfigError(f"{source}: {section}.{key}={value!r} is not one of "
                               f"{', '.join(str(c).lower() if isinstance(c, bool) else c for c in choices)}")
+        words = WORD_OR_COUNT.get((section, key))
+        if words and value not in words and not (type(value) is int and value >= 1):
+            raise ConfigError(f"{source}: {section}.{key}={value!r} is not {', '.join(words)} or a positive integer")
         allowed = LIST_CHOICES.get((section, key))
         if allowed and any(v not in allowed for v in value):
             raise ConfigError(f"{source}: {section}.{key}={value!r}: entries must be among {', '.join(allowed)}")

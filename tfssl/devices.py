@@ -20,6 +20,9 @@ What ``auto`` picks, and the measurement behind it (bench/NOTES.md):
   norm): tfssl's kernels were tuned on 2 CPU cores and never measured there. Precision: ``mixed_bfloat16`` on TPUs
   and on GPUs of compute capability ≥ 8 (Ampere and newer: bf16 tensor cores, no loss scaling), ``mixed_float16``
   on 7.x (Volta/Turing tensor cores; dynamic loss scaling), float32 on older GPUs.
+* **Views in the input pipeline** (``train.views_parallelism``): batches of views tf.data makes at once, per CPU
+  kind in :data:`CPU_VIEWS` (AUTOTUNE wherever measured: one batch at a time was slower, bench/NOTES.md §7j);
+  accelerators keep AUTOTUNE.
 
 ``train.kernels: stock`` forces Keras's layers everywhere; ``tuned`` forces tfssl's CPU kernels everywhere.
 ``ONEDNN_MAX_CPU_ISA=AVX2`` (with ``XLA_FLAGS=--xla_cpu_max_isa=AVX2``) makes an AVX-512 CPU plan as the AVX2 CPU it
@@ -44,6 +47,13 @@ CPU_CHOICES = {
     "avx512": (False, "float32", "CPU with AVX-512: oneDNN graph (bench/NOTES.md §5)"),
     "avx2": (False, "float32", "CPU with AVX2: oneDNN graph, 1.17-1.24x XLA end to end (bench/NOTES.md §7)"),
     "generic": (False, "float32", "CPU without AVX2: TensorFlow's default graph (not measured)"),
+}
+# CPU kind → batches of views the input pipeline makes at once (None: tf.data's AUTOTUNE) and why
+CPU_VIEWS = {
+    "avx512_bf16": (None, "tf.data AUTOTUNE: 824 img/s median, one batch at a time 543 (bench/NOTES.md §7j)"),
+    "avx512": (None, "tf.data AUTOTUNE (not measured against a fixed number)"),
+    "avx2": (None, "tf.data AUTOTUNE (not measured against a fixed number)"),
+    "generic": (None, "tf.data AUTOTUNE (not measured against a fixed number)"),
 }
 _ISA_ORDER = ("sse41", "avx", "avx2", "avx512_core", "avx512_core_vnni", "avx512_core_bf16", "avx512_core_amx")
 
@@ -129,13 +139,14 @@ class Plan:
     batch_norm: str                              # stock | fused_v3 | closed_form
     precision: str
     reasons: Dict[str, str] = field(default_factory=dict)
+    views_parallelism: Optional[int] = None      # batches of views the input pipeline makes at once; None: AUTOTUNE
 
     def describe(self) -> str:
         """The ``train step:`` log line."""
         conv = "stock" if self.conv == "stock" else f"chunked kernel gradient ({self.conv_chunk_bytes >> 20} MB)"
         return (f"{'XLA' if self.jit else 'TF graph, no XLA'} ({self.reasons['jit']}); conv {conv}, BatchNorm "
-                f"{self.batch_norm} ({self.reasons['kernels']}); {self.precision} ({self.reasons['precision']}) "
-                f"on {self.device}")
+                f"{self.batch_norm} ({self.reasons['kernels']}); {self.precision} ({self.reasons['precision']}); "
+                f"views {self.views_parallelism or 'AUTOTUNE'} in flight ({self.reasons['views']}) on {self.device}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -193,15 +204,32 @@ def _precision(device, setting):
                        "auto: CPU without bf16 arithmetic")
 
 
+def _views(device, setting):
+    """(batches of views in flight, reason) of the pretraining input pipeline's views map."""
+    if setting == "autotune":
+        return None, "train.views_parallelism"
+    if setting != "auto":
+        if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
+            raise ValueError(f"train.views_parallelism={setting!r} is not auto, autotune or a positive number of "
+                             f"batches")
+        return setting, "train.views_parallelism"
+    if device.kind != "cpu":
+        return None, f"auto: {device.kind.upper()}, tf.data AUTOTUNE"
+    calls, why = CPU_VIEWS[device.cpu_kind]
+    return calls, f"auto: {why}"
+
+
 def plan(device: Device, jit_compile="auto", kernels="auto", precision="float32", multi_worker=False,
-         deterministic=False) -> Plan:
+         deterministic=False, views="auto") -> Plan:
     """The :class:`Plan` for ``device`` and the recipe's settings (see the module docstring for ``auto``);
-    ``deterministic`` (TensorFlow's deterministic ops) rules XLA out, as Keras does."""
+    ``deterministic`` (TensorFlow's deterministic ops) rules XLA out, as Keras does; ``views``: the recipe's
+    ``train.views_parallelism``."""
     jit, why_jit = _jit(device, jit_compile, multi_worker, deterministic)
     conv, chunk, bn, why_kernels = _kernels(device, kernels, jit)
     prec, why_prec = _precision(device, precision)
+    calls, why_views = _views(device, views)
     return Plan(device.describe(), jit, conv, chunk, bn, prec,
-                {"jit": why_jit, "kernels": why_kernels, "precision": why_prec})
+                {"jit": why_jit, "kernels": why_kernels, "precision": why_prec, "views": why_views}, calls)
 
 
 def apply_kernels(model, the_plan: Plan) -> None:

@@ -61,17 +61,18 @@ def _epoch_elements(n, batch_size, steps, epoch, seed):
     return tf.data.Dataset.range(per_epoch).map(element, AUTOTUNE, deterministic=True)
 
 
-def epoch_pipeline(source, batch_size, steps, epoch=None, views=None, seed=0):
+def epoch_pipeline(source, batch_size, steps, epoch=None, views=None, seed=0, views_parallelism=None):
     """Pretraining batches that depend only on (``seed``, epoch): images in a seeded permutation per pass over the
     data (:func:`_epoch_elements`) read through ``source.lookup``, views drawn with the stateless seed (seed, step).
 
     ``epoch``: an int64 ``tf.Variable`` on the host that the job sets at each epoch start (``callbacks.EpochVariable``);
     the dataset then yields that epoch's ``steps`` batches and ``model.fit`` makes a new iterator every epoch. None:
     an endless stream from step 0. Yields ``{"image", "label"}`` or, with ``views``, ``{"views", "label"}``.
+    ``views_parallelism``: batches of views made at once (the device plan's, :mod:`tfssl.devices`); None: AUTOTUNE.
     """
     ds = _epoch_elements(source.num_train, batch_size, steps, epoch, seed)
     if source.originals:
-        return _originals_epoch(source, ds, batch_size, steps, epoch, views, seed)
+        return _originals_epoch(source, ds, batch_size, steps, epoch, views, seed, views_parallelism)
     lookup = indexed(source)
     ds = ds.map(lambda g, i: lookup(i), AUTOTUNE, deterministic=True).batch(batch_size, drop_remainder=True)
     if views is None:
@@ -80,7 +81,7 @@ def epoch_pipeline(source, batch_size, steps, epoch=None, views=None, seed=0):
     def make_views(b, e):
         step = b if epoch is None else tf.cast(epoch.read_value(), tf.int64) * steps + b
         return {"views": views(e["image"], step=step, seed=_step_seed(seed, step)), "label": e["label"]}
-    return ds.enumerate().map(make_views, AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
+    return ds.enumerate().map(make_views, views_parallelism or AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
 
 
 def _crops(views, image, g, batch_size, seed, stream=0):
@@ -89,7 +90,7 @@ def _crops(views, image, g, batch_size, seed, stream=0):
     return views.crop_stage(image, seed=_step_seed(seed, g, stream + 17), step=g // batch_size)
 
 
-def _originals_epoch(source, elements, batch_size, steps, epoch, views, seed):
+def _originals_epoch(source, elements, batch_size, steps, epoch, views, seed, views_parallelism=None):
     """:func:`epoch_pipeline` for a source of originals (image folders): each view's RandomResizedCrop is made per
     image on the decoded original (any size and aspect), the rest of the views on the batch of crops."""
     if views is None:
@@ -106,10 +107,10 @@ def _originals_epoch(source, elements, batch_size, steps, epoch, views, seed):
         step = b if epoch is None else tf.cast(epoch.read_value(), tf.int64) * steps + b
         return {"views": views.after_crop(e["crops"], step=step, seed=_step_seed(seed, step)), "label": e["label"]}
     ds = elements.map(element, AUTOTUNE, deterministic=True).batch(batch_size, drop_remainder=True)
-    return ds.enumerate().map(make_views, AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
+    return ds.enumerate().map(make_views, views_parallelism or AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
 
 
-def pair_pipeline(source, table, views, batch_size, mix, seed=0, steps=None, epoch=None):
+def pair_pipeline(source, table, views, batch_size, mix, seed=0, steps=None, epoch=None, views_parallelism=None):
     """CsMl's batches (METHODS.md CsMl 2–3): every anchor i with a neighbour j drawn uniformly from ``table[i]``.
 
     ``table`` is the int32 [N, k] neighbour table (a host ``tf.Variable``; the :class:`tfssl.mining.NeighbourMiner`
@@ -119,6 +120,7 @@ def pair_pipeline(source, table, views, batch_size, mix, seed=0, steps=None, epo
     CutMix, one box per global batch.
     Yields ``{"views": (q_i, k_i, q_j, k_j, q_mix, λ′ per row [B]), "label": anchor labels}``, or with
     ``views=None`` (views on the device) ``{"anchor", "neighbour", "label"}`` uint8 batches.
+    ``views_parallelism`` as in :func:`epoch_pipeline`.
     """
     originals = source.originals and views is not None
     lookup = source.lookup_original if originals else indexed(source)
@@ -153,10 +155,11 @@ def pair_pipeline(source, table, views, batch_size, mix, seed=0, steps=None, epo
     ds = ds.batch(batch_size, drop_remainder=True)
     if views is None:
         return ds.prefetch(AUTOTUNE)
-    return ds.enumerate().map(make_views, AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
+    return ds.enumerate().map(make_views, views_parallelism or AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
 
 
-def stream_pipeline(ds, batch_size, steps, epoch, views=None, seed=0, shuffle_buffer=10000, originals_ds=None):
+def stream_pipeline(ds, batch_size, steps, epoch, views=None, seed=0, shuffle_buffer=10000, originals_ds=None,
+                    views_parallelism=None):
     """Pretraining batches of a source without random access (a large TFDS dataset): an endless shuffled stream.
 
     The stream starts at the epoch held by the host variable ``epoch`` when ``model.fit`` first reads it, with a
@@ -164,7 +167,7 @@ def stream_pipeline(ds, batch_size, steps, epoch, views=None, seed=0, shuffle_bu
     :func:`epoch_pipeline`. A resumed run therefore gets a fresh seeded order (statistically the same, not the
     bit-identical batches of an uninterrupted run, which needs random access: in-memory or image-folder sources).
     ``originals_ds``: the decoded originals of a source whose views crop them (ImageNet from TFDS), used instead of
-    ``ds`` with per-image crops as in :func:`epoch_pipeline`.
+    ``ds`` with per-image crops as in :func:`epoch_pipeline`; ``views_parallelism`` likewise.
     """
     seed = int(seed or 0)
     originals = originals_ds is not None and views is not None
@@ -186,7 +189,8 @@ def stream_pipeline(ds, batch_size, steps, epoch, views=None, seed=0, shuffle_bu
             return {"views": views.after_crop(e["crops"], step=step, seed=_step_seed(seed, step)),
                     "label": e["label"]}
         return {"views": views(e["image"], step=step, seed=_step_seed(seed, step)), "label": e["label"]}
-    return tf.data.Dataset.range(1).flat_map(from_epoch).map(make, AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
+    return (tf.data.Dataset.range(1).flat_map(from_epoch).map(make, views_parallelism or AUTOTUNE, deterministic=True)
+            .prefetch(AUTOTUNE))
 
 
 def for_replicas(ds, batch_size, steps=None):

@@ -96,7 +96,8 @@ def _run(cfg, workdir, log, strategy, source, steps, backup_dir, chief=True):
         f"{replicas} replica(s) [{distribute.strategy_name(strategy)}]")
 
     views = methods.views_for(cfg, steps)        # augmentation stays float32
-    plan = distribute.train_plan(cfg.train.jit_compile, cfg.train.kernels, cfg.train.precision, strategy)
+    plan = distribute.train_plan(cfg.train.jit_compile, cfg.train.kernels, cfg.train.precision, strategy,
+                                 cfg.train.views_parallelism)
     log(f"train step: {plan.describe()}")
     previous_policy = keras.mixed_precision.dtype_policy()
     keras.mixed_precision.set_dtype_policy(plan.precision)   # layers built now compute in it
@@ -120,7 +121,7 @@ def _fit(cfg, workdir, log, strategy, source, steps, total, views, backup_dir, c
     config.dump(cfg, os.path.join(workdir, "config.yaml"))
     with tf.device("/cpu:0"):                # read by the input pipeline at every epoch start
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_epoch")
-    batches = model.make_pipeline(source, views, cfg, steps, epoch)
+    batches = model.make_pipeline(source, views, cfg, steps, epoch, views_parallelism=plan.views_parallelism)
     if replicas > 1:
         batches = pipeline.for_replicas(batches, cfg.train.batch_size, steps)
     if distribute.is_multi_worker(strategy):    # every worker builds the global batch and keeps its rows

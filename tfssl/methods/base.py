@@ -158,10 +158,12 @@ class SSLMethod(KerasNative, distribute.MultiWorkerFit, keras.Model):
         return {}
 
     # ----------------------------------------------------------------- hooks of the pretraining job (train.py)
-    def make_pipeline(self, source, views, cfg, steps, epoch):
+    def make_pipeline(self, source, views, cfg, steps, epoch, views_parallelism=None):
         """The tf.data pipeline of pretraining: one epoch of ``steps`` batches fixed by (data seed, ``epoch``: a host
-        int64 variable set at every epoch start), views made in the pipeline unless on the device. A source
-        without random access (large TFDS) gets an endless stream instead (:func:`tfssl.pipeline.stream_pipeline`)."""
+        int64 variable set at every epoch start), views made in the pipeline unless on the device, at most
+        ``views_parallelism`` batches at once (the device plan's; None: AUTOTUNE). A source without random access
+        (large TFDS) gets an endless stream instead (:func:`tfssl.pipeline.stream_pipeline`)."""
+        par = {"views_parallelism": views_parallelism}
         pipeline_views = None if cfg.augment.on_device else views
         if source.originals and source.lookup_original is None:      # originals without random access (TFDS)
             if pipeline_views is None:
@@ -169,14 +171,15 @@ class SSLMethod(KerasNative, distribute.MultiWorkerFit, keras.Model):
                                      f"crops its originals in the input pipeline; set augment.on_device=false")
             return pipeline.stream_pipeline(source.train, cfg.train.batch_size, steps, epoch, pipeline_views,
                                             seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                                            originals_ds=source.train_original)
+                                            originals_ds=source.train_original, **par)
         if not source.originals:
             try:
                 data.indexed(source)
             except data.DataError:
                 return pipeline.stream_pipeline(source.train, cfg.train.batch_size, steps, epoch, pipeline_views,
-                                                seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer)
-        return pipeline.epoch_pipeline(source, cfg.train.batch_size, steps, epoch, pipeline_views, seed=cfg.data.seed)
+                                                seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer, **par)
+        return pipeline.epoch_pipeline(source, cfg.train.batch_size, steps, epoch, pipeline_views, seed=cfg.data.seed,
+                                       **par)
 
     def job_callbacks(self, source, cfg, log=print):
         """Extra Keras callbacks of pretraining (CsMl: neighbour mining)."""

@@ -120,7 +120,7 @@ class CsMl(SSLMethod):
         return share, out
 
     # ----------------------------------------------------------------- pretraining job: pairs and mining
-    def make_pipeline(self, source, views, cfg, steps, epoch):
+    def make_pipeline(self, source, views, cfg, steps, epoch, views_parallelism=None):
         """:func:`tfssl.pipeline.pair_pipeline` over a host neighbour table, initially every image its own neighbour."""
         from tfssl.cutmix import cutmix
         k = self.params.neighbours
@@ -128,7 +128,8 @@ class CsMl(SSLMethod):
             self.neighbour_table = tf.Variable(np.tile(np.arange(source.num_train, dtype=np.int32)[:, None], (1, k)),
                                                trainable=False, name="neighbour_table")
         return pipeline.pair_pipeline(source, self.neighbour_table, None if cfg.augment.on_device else views,
-                                      cfg.train.batch_size, cutmix, seed=cfg.data.seed or 0, steps=steps, epoch=epoch)
+                                      cfg.train.batch_size, cutmix, seed=cfg.data.seed or 0, steps=steps, epoch=epoch,
+                                      views_parallelism=views_parallelism)
 
     def device_views(self, data, step, seed, global_seed):
         """On-device pairs (``augment.on_device``): (q, k) views of the anchors and of their neighbours, then the
