@@ -3,7 +3,7 @@
 Reads the cached features that ``bench/quality.py`` (``tfssl eval``) left in a run's ``eval_cache/`` — the trained
 backbone, the random-init one and raw pixels, train (the bank) and test — so it trains and embeds nothing:
 
-    python bench/knn_classes.py runs/quality/ressl
+    python bench/knn_classes.py runs/quality/wcl [runs/quality/ressl]   # later dirs fill in missing subjects
 
 Prints, per subject, the weighted kNN (τ = 0.1) top-1 at k = 10, 20, 50, 100, 200 and the majority kNN at k = 20,
 then per class the weighted k = 200 and majority k = 20 top-1 (bench/QUALITY.md §E uses it).
@@ -36,12 +36,16 @@ def subjects(cache):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run", help="a bench/quality.py method directory (with eval_cache/)")
+    p.add_argument("runs", nargs="+", help="bench/quality.py method directories (with eval_cache/); a subject "
+                   "(trained, random_init, pixels) is read from the first that has it")
     args = p.parse_args()
     from tfssl.eval.knn import weighted_knn
-    found = subjects(os.path.join(args.run, "eval_cache"))
+    found = {}
+    for run in args.runs:
+        found = {**subjects(os.path.join(run, "eval_cache")), **found}
     if not found:
-        raise SystemExit(f"{args.run}/eval_cache has no cached train/test features; run bench/quality.py first")
+        raise SystemExit(f"{', '.join(args.runs)}: no cached train/test features in eval_cache/; run "
+                         f"bench/quality.py first")
     per_class = {}
     for kind, (train, test) in found.items():
         with np.load(train) as a, np.load(test) as b:
