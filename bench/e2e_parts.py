@@ -36,7 +36,7 @@ def build(method, sets):
     """(cfg, model, pipeline dataset, plan) as ``tfssl pretrain`` builds them (one replica)."""
     import keras
     import tensorflow as tf
-    from tfssl import config, data, distribute, methods
+    from tfssl import config, data, distribute, methods, pipeline
     from tfssl.optim import SGD, build_optimizer
     from tfssl.train import plan_steps
     cfg = config.load(f"{method}_fashion_mnist", sets)
@@ -44,7 +44,7 @@ def build(method, sets):
     steps = plan_steps(cfg, source.num_train)
     views = methods.views_for(cfg, steps)
     plan = distribute.train_plan(cfg.train.jit_compile, cfg.train.kernels, cfg.train.precision,
-                                 views=cfg.train.views_parallelism)
+                                 views=cfg.train.views_parallelism, autotune=cfg.train.data_autotune)
     previous = keras.mixed_precision.dtype_policy()
     keras.mixed_precision.set_dtype_policy(plan.precision)
     try:
@@ -56,6 +56,7 @@ def build(method, sets):
         keras.mixed_precision.set_dtype_policy(previous)
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
     batches = model.make_pipeline(source, views, cfg, steps, epoch, views_parallelism=plan.views_parallelism)
+    batches = pipeline.with_autotune(batches, plan.data_autotune)
     return cfg, model, batches, plan
 
 

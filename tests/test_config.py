@@ -210,6 +210,7 @@ def test_section_must_be_mapping():
     ("data.on_corrupt=ignore", ["skip", "error"]),
     ("train.jit_compile=xla", ["true", "false", "auto"]),
     ("train.jit_compile=1", ["true", "false", "auto"]),          # 1 == True in Python, but not a bool
+    ("train.data_autotune=fast", ["true", "false", "auto"]),
 ])
 def test_bad_choice_names_valid_choices(recipe_file, item, valid):
     msg = _err(C.load, recipe_file, overrides=[item])
@@ -220,9 +221,10 @@ def test_bad_choice_names_valid_choices(recipe_file, item, valid):
 
 
 @pytest.mark.parametrize("value,expected", [("auto", "auto"), ("true", True), ("false", False)])
-def test_jit_compile_takes_a_bool_or_auto(recipe_file, value, expected):
-    assert C.from_dict({"method": {"name": "ressl"}}).train.jit_compile == "auto"        # the default
-    assert C.load(recipe_file, overrides=[f"train.jit_compile={value}"]).train.jit_compile == expected
+def test_jit_compile_and_data_autotune_take_a_bool_or_auto(recipe_file, value, expected):
+    for key in ("jit_compile", "data_autotune"):
+        assert getattr(C.from_dict({"method": {"name": "ressl"}}).train, key) == "auto"        # the default
+        assert getattr(C.load(recipe_file, overrides=[f"train.{key}={value}"]).train, key) == expected
 
 
 def test_unknown_method_name():

@@ -166,6 +166,9 @@ def test_a_cpuinfo_file_gives_its_kinds_row_of_choices(tmp_path, flags, kind, pr
     calls, why_views = devices.CPU_VIEWS[kind]                       # the input pipeline's views: the kind's row
     assert p.views_parallelism == calls and p.reasons["views"] == f"auto: {why_views}"
     assert f"views {calls or 'AUTOTUNE'} in flight" in p.describe()
+    tune, why_tune = devices.CPU_AUTOTUNE[kind]                      # tf.data's autotuner: the kind's row
+    assert p.data_autotune is tune and p.reasons["autotune"] == f"auto: {why_tune}"
+    assert f"tf.data autotuner {'on' if tune else 'off'} (auto: {why_tune})" in p.describe()
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -181,6 +184,52 @@ def test_views_parallelism_auto_per_kind_and_explicit_settings(kind):
     for bad in (0, -1, 1.5, True, "fast"):
         with pytest.raises(ValueError, match="train.views_parallelism"):
             plan(device, "auto", "auto", "auto", views=bad)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_data_autotune_auto_per_kind_and_explicit_settings(kind):
+    """``train.data_autotune``: auto takes the CPU kind's row (off where measured: bench/NOTES.md §7k), accelerator
+    hosts keep tf.data's autotuner; true/false win on every device; anything else is one error naming the key."""
+    device = KINDS[kind]
+    auto = plan(device, "auto", "auto", "auto")
+    assert auto.data_autotune is (devices.CPU_AUTOTUNE[device.cpu_kind][0] if device.kind == "cpu" else True)
+    assert device.kind == "cpu" or auto.reasons["autotune"] == f"auto: {device.kind.upper()} host, tf.data's default"
+    for setting in (True, False):
+        explicit = plan(device, "auto", "auto", "auto", autotune=setting)
+        assert explicit.data_autotune is setting and explicit.reasons["autotune"] == "train.data_autotune"
+    for bad in (1, 0, "off", None):
+        with pytest.raises(ValueError, match="train.data_autotune"):
+            plan(device, "auto", "auto", "auto", autotune=bad)
+
+
+def test_the_autotune_choice_sets_the_pipeline_option_and_keeps_the_batches():
+    """:func:`tfssl.pipeline.with_autotune` sets tf.data's autotuner on a whole pipeline; the batches are the same."""
+    from tfssl import pipeline
+    ds = tf.data.Dataset.range(64).map(lambda i: tf.cast(i, tf.float32) * 2.0, tf.data.AUTOTUNE,
+                                       deterministic=True).batch(8).prefetch(tf.data.AUTOTUNE)
+    on, off = pipeline.with_autotune(ds, True), pipeline.with_autotune(ds, False)
+    assert on.options().autotune.enabled is True and off.options().autotune.enabled is False
+    for a, b in zip(on.as_numpy_iterator(), off.as_numpy_iterator()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_pretraining_runs_the_plans_autotune_choice(tmp_path, monkeypatch):
+    """``pretrain`` hands ``model.fit`` the pipeline with the plan's autotuner choice and records it (log line,
+    summary.json)."""
+    from tfssl import config, pipeline
+    from tfssl.train import pretrain
+    seen = []
+    real = pipeline.with_autotune
+    monkeypatch.setattr(pipeline, "with_autotune", lambda ds, on: seen.append(real(ds, on)) or seen[-1])
+    cfg = config.load("ressl_fashion_mnist", ["data.limit=128", "data.test_limit=64", "train.epochs=1",
+                                              "train.batch_size=64", "train.verbose=0", "model.backbone=tiny",
+                                              "model.projector_hidden=32", "method.queue_size=128",
+                                              "eval.knn_train_limit=128", "train.data_autotune=false"])
+    lines = []
+    summary = pretrain(cfg, str(tmp_path), log=lines.append)
+    assert [ds.options().autotune.enabled for ds in seen] == [False]
+    assert summary["train_plan"]["data_autotune"] is False
+    assert "tf.data autotuner off (train.data_autotune)" in next(x for x in lines if x.startswith("train step:"))
 
 
 def test_the_views_parallelism_reaches_every_pretraining_pipeline():

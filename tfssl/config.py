@@ -92,6 +92,8 @@ class TrainConfig:
     max_minutes: Optional[float] = None     # stop after this many training minutes (the schedule keeps epochs)
     views_parallelism: Any = "auto"         # batches of views made at once in the input pipeline: auto (per device,
     #                                         tfssl.devices) | autotune (tf.data's) | N
+    data_autotune: Any = "auto"             # tf.data's autotuner on the pretraining pipeline: auto (per device,
+    #                                         tfssl.devices) | true | false
     verbose: int = 1
 
 
@@ -145,6 +147,7 @@ CHOICES = {
     ("train", "kernels"): ["auto", "stock", "tuned"],
     ("train", "on_nan"): ["stop", "skip"],
     ("train", "jit_compile"): [True, False, "auto"],
+    ("train", "data_autotune"): [True, False, "auto"],
     ("distribute", "strategy"): ["default", "mirrored", "multi_worker", "tpu"],
     ("eval", "linear_preset"): ["small", "ressl", "ressl_small", "wcl", "moco", "csml", "simclr"],
 }

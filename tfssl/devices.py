@@ -23,6 +23,10 @@ What ``auto`` picks, and the measurement behind it (bench/NOTES.md):
 * **Views in the input pipeline** (``train.views_parallelism``): batches of views tf.data makes at once, per CPU
   kind in :data:`CPU_VIEWS` (AUTOTUNE wherever measured: one batch at a time was slower, bench/NOTES.md §7j);
   accelerators keep AUTOTUNE.
+* **tf.data's autotuner** on the pretraining pipeline (``train.data_autotune``), per CPU kind in
+  :data:`CPU_AUTOTUNE`: off where measured on 2 cores (it re-tunes at every epoch's new iterator and about every
+  second epoch settles where the train step loses a third of its speed, bench/NOTES.md §7k; off, AUTOTUNE
+  parallelism means one call per core and prefetch buffers grow as the consumer waits); accelerator hosts keep it.
 
 ``train.kernels: stock`` forces Keras's layers everywhere; ``tuned`` forces tfssl's CPU kernels everywhere.
 ``ONEDNN_MAX_CPU_ISA=AVX2`` (with ``XLA_FLAGS=--xla_cpu_max_isa=AVX2``) makes an AVX-512 CPU plan as the AVX2 CPU it
@@ -54,6 +58,14 @@ CPU_VIEWS = {
     "avx512": (None, "tf.data AUTOTUNE (not measured against a fixed number)"),
     "avx2": (None, "tf.data AUTOTUNE (not measured against a fixed number)"),
     "generic": (None, "tf.data AUTOTUNE (not measured against a fixed number)"),
+}
+# CPU kind → (tf.data autotuner on the pretraining pipeline, why)
+CPU_AUTOTUNE = {
+    "avx512_bf16": (False, "tf.data autotuner off: every epoch 800-830 img/s, on: a third of epochs at 510-540 "
+                           "(bench/NOTES.md §7k)"),
+    "avx512": (True, "tf.data autotuner (not measured off)"),
+    "avx2": (True, "tf.data autotuner (not measured off)"),
+    "generic": (True, "tf.data autotuner (not measured off)"),
 }
 _ISA_ORDER = ("sse41", "avx", "avx2", "avx512_core", "avx512_core_vnni", "avx512_core_bf16", "avx512_core_amx")
 
@@ -140,13 +152,15 @@ class Plan:
     precision: str
     reasons: Dict[str, str] = field(default_factory=dict)
     views_parallelism: Optional[int] = None      # batches of views the input pipeline makes at once; None: AUTOTUNE
+    data_autotune: bool = True                   # tf.data's autotuner on the pretraining input pipeline
 
     def describe(self) -> str:
         """The ``train step:`` log line."""
         conv = "stock" if self.conv == "stock" else f"chunked kernel gradient ({self.conv_chunk_bytes >> 20} MB)"
         return (f"{'XLA' if self.jit else 'TF graph, no XLA'} ({self.reasons['jit']}); conv {conv}, BatchNorm "
                 f"{self.batch_norm} ({self.reasons['kernels']}); {self.precision} ({self.reasons['precision']}); "
-                f"views {self.views_parallelism or 'AUTOTUNE'} in flight ({self.reasons['views']}) on {self.device}")
+                f"views {self.views_parallelism or 'AUTOTUNE'} in flight ({self.reasons['views']}), tf.data autotuner "
+                f"{'on' if self.data_autotune else 'off'} ({self.reasons['autotune']}) on {self.device}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -219,17 +233,30 @@ def _views(device, setting):
     return calls, f"auto: {why}"
 
 
+def _autotune(device, setting):
+    """(tf.data's autotuner on or off for the pretraining pipeline, reason)."""
+    if setting != "auto":
+        if not isinstance(setting, bool):
+            raise ValueError(f"train.data_autotune={setting!r} is not auto, true or false")
+        return setting, "train.data_autotune"
+    if device.kind != "cpu":
+        return True, f"auto: {device.kind.upper()} host, tf.data's default"
+    on, why = CPU_AUTOTUNE[device.cpu_kind]
+    return on, f"auto: {why}"
+
+
 def plan(device: Device, jit_compile="auto", kernels="auto", precision="float32", multi_worker=False,
-         deterministic=False, views="auto") -> Plan:
+         deterministic=False, views="auto", autotune="auto") -> Plan:
     """The :class:`Plan` for ``device`` and the recipe's settings (see the module docstring for ``auto``);
     ``deterministic`` (TensorFlow's deterministic ops) rules XLA out, as Keras does; ``views``: the recipe's
-    ``train.views_parallelism``."""
+    ``train.views_parallelism``; ``autotune``: its ``train.data_autotune``."""
     jit, why_jit = _jit(device, jit_compile, multi_worker, deterministic)
     conv, chunk, bn, why_kernels = _kernels(device, kernels, jit)
     prec, why_prec = _precision(device, precision)
     calls, why_views = _views(device, views)
-    return Plan(device.describe(), jit, conv, chunk, bn, prec,
-                {"jit": why_jit, "kernels": why_kernels, "precision": why_prec, "views": why_views}, calls)
+    tune, why_tune = _autotune(device, autotune)
+    return Plan(device.describe(), jit, conv, chunk, bn, prec, {"jit": why_jit, "kernels": why_kernels,
+                "precision": why_prec, "views": why_views, "autotune": why_tune}, calls, tune)
 
 
 def apply_kernels(model, the_plan: Plan) -> None:

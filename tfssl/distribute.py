@@ -128,13 +128,14 @@ def is_multi_worker(strategy) -> bool:
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
-def train_plan(setting_jit, kernels="auto", precision="float32", strategy=None, views="auto"):
+def train_plan(setting_jit, kernels="auto", precision="float32", strategy=None, views="auto", autotune="auto"):
     """The device plan (:func:`tfssl.devices.plan`) of a train step under ``strategy`` (default: the current one)
     while TensorFlow's deterministic ops are on or off in this process."""
     from tensorflow.python.framework import config as tf_config    # no public getter for the flag
     strategy = strategy or tf.distribute.get_strategy()
     return devices.plan(devices.detect(strategy), setting_jit, kernels, precision, multi_worker=is_multi_worker(strategy),
-                        deterministic=tf_config.is_op_determinism_enabled(), views=views)
+                        deterministic=tf_config.is_op_determinism_enabled(), views=views,
+                        autotune=autotune)
 
 
 def strategy_name(strategy) -> str:

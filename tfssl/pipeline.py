@@ -6,6 +6,7 @@
 * :func:`pair_pipeline`: CsMl's anchor/neighbour pairs with CutMix, on the same scheme.
 * :func:`stream_pipeline`: an endless shuffled stream for sources without random access (large TFDS sets).
 * :func:`for_replicas`: let ``tf.distribute`` split finished global batches over replicas.
+* :func:`with_autotune`: tf.data's autotuner on or off for a whole pipeline (the device plan's choice).
 * :func:`train_pipeline`: a plain shuffled, batched stream (tests, tools).
 """
 from __future__ import annotations
@@ -203,6 +204,15 @@ def for_replicas(ds, batch_size, steps=None):
     if finite and steps:
         ds = ds.apply(tf.data.experimental.assert_cardinality(steps))
     return ds.prefetch(AUTOTUNE)
+
+
+def with_autotune(ds, enabled):
+    """``ds`` with tf.data's autotuner on or off (``train.data_autotune``, decided per CPU kind in
+    :mod:`tfssl.devices`). Off, every AUTOTUNE parallelism is one call per core and AUTOTUNE prefetch buffers
+    grow only when the consumer waits; the batches are the same either way."""
+    options = tf.data.Options()
+    options.autotune.enabled = bool(enabled)
+    return ds.with_options(options)
 
 
 def _call_views(views, images, seed):

@@ -97,7 +97,7 @@ def _run(cfg, workdir, log, strategy, source, steps, backup_dir, chief=True):
 
     views = methods.views_for(cfg, steps)        # augmentation stays float32
     plan = distribute.train_plan(cfg.train.jit_compile, cfg.train.kernels, cfg.train.precision, strategy,
-                                 cfg.train.views_parallelism)
+                                 cfg.train.views_parallelism, cfg.train.data_autotune)
     log(f"train step: {plan.describe()}")
     previous_policy = keras.mixed_precision.dtype_policy()
     keras.mixed_precision.set_dtype_policy(plan.precision)   # layers built now compute in it
@@ -124,6 +124,7 @@ def _fit(cfg, workdir, log, strategy, source, steps, total, views, backup_dir, c
     batches = model.make_pipeline(source, views, cfg, steps, epoch, views_parallelism=plan.views_parallelism)
     if replicas > 1:
         batches = pipeline.for_replicas(batches, cfg.train.batch_size, steps)
+    batches = pipeline.with_autotune(batches, plan.data_autotune)
     if distribute.is_multi_worker(strategy):    # every worker builds the global batch and keeps its rows
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA

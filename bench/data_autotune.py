@@ -1,0 +1,73 @@
+"""tf.data's autotuner on the pretraining pipeline or not (``train.data_autotune``), epoch by epoch.
+
+Fresh ``tfssl pretrain`` processes of each method's Fashion-MNIST recipe (bench/end_to_end.py's short runs, here
+with several epochs), the settings alternated run by run (ABBA); every epoch after the first is timed, because the
+slow mode of bench/NOTES.md §7g–7k comes and goes per epoch inside one process:
+
+    python bench/data_autotune.py [--methods ressl] [--epochs 8] [--repeats 2] [--emulate avx2]
+
+Prints each run's epoch img/s, then per method and setting the median, min, max and how many epochs were *slow*
+(below 0.85 × the median of all the method's epochs). The winner per CPU kind goes into
+``tfssl.devices.CPU_AUTOTUNE``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from end_to_end import ROOT, env_for, recipe_overrides
+
+
+def run_epochs(method, sets, env):
+    """img/s of every epoch after the first of one fresh ``tfssl pretrain`` run, and its device plan."""
+    with tempfile.TemporaryDirectory(prefix="tfssl-autotune-") as work:
+        cmd = [sys.executable, "-m", "tfssl", "pretrain", f"{method}_fashion_mnist", "--workdir", work]
+        cmd += sum((["--set", s] for s in sets), [])
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+        if out.returncode:
+            raise SystemExit(f"tfssl {method} failed:\n{out.stderr[-3000:]}")
+        summary = json.load(open(os.path.join(work, "summary.json")))
+    return summary["history"]["epoch_images_per_second"][1:], summary["train_plan"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default="ressl", help="comma list of recipes (default ressl)")
+    p.add_argument("--settings", default="true,false", help="comma list of train.data_autotune values")
+    p.add_argument("--epochs", type=int, default=8, help="epochs per run (the first is not timed)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per setting, alternated")
+    p.add_argument("--steps", type=int, default=20, help="steps per epoch")
+    p.add_argument("--emulate", choices=["avx2"], default=None, help="cap the CPU at AVX2 (oneDNN, XLA)")
+    args = p.parse_args()
+    from tfssl import config
+    from tfssl.devices import detect
+    env = env_for(args.emulate)
+    device = detect(environ=env)
+    flags = " ".join(f for f in ("fma", "avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in device.flags)
+    print(f"CPU: {device.describe()} (flags {flags}), {os.cpu_count()} cores", flush=True)
+    settings = args.settings.split(",")
+    for method in args.methods.split(","):
+        batch = config.load(f"{method}_fashion_mnist").train.batch_size
+        base = [s for s in recipe_overrides(args.steps, batch) if not s.startswith("train.epochs=")]
+        epochs = {s: [] for s in settings}
+        for r in range(args.repeats):
+            for s in (settings if r % 2 == 0 else settings[::-1]):       # ABBA: no setting always runs first
+                rates, plan = run_epochs(method, base + [f"train.epochs={args.epochs}", f"train.data_autotune={s}"],
+                                         env)
+                epochs[s] += rates
+                print(f"  {method} data_autotune={s} (plan: {'on' if plan['data_autotune'] else 'off'}): "
+                      f"{' '.join(f'{x:.0f}' for x in rates)} img/s", flush=True)
+        everything = statistics.median([x for v in epochs.values() for x in v])
+        for s, v in epochs.items():
+            slow = sum(x < 0.85 * everything for x in v)
+            print(f"{method} data_autotune={s} median {statistics.median(v):.0f} min {min(v):.0f} max {max(v):.0f} "
+                  f"slow {slow}/{len(v)} epochs")
+
+
+if __name__ == "__main__":
+    main()
