@@ -24,9 +24,10 @@ What ``auto`` picks, and the measurement behind it (bench/NOTES.md):
   kind in :data:`CPU_VIEWS` (AUTOTUNE wherever measured: one batch at a time was slower, bench/NOTES.md §7j);
   accelerators keep AUTOTUNE.
 * **tf.data's autotuner** on the pretraining pipeline (``train.data_autotune``), per CPU kind in
-  :data:`CPU_AUTOTUNE`: off where measured on 2 cores (it re-tunes at every epoch's new iterator and about every
-  second epoch settles where the train step loses a third of its speed, bench/NOTES.md §7k; off, AUTOTUNE
-  parallelism means one call per core and prefetch buffers grow as the consumer waits); accelerator hosts keep it.
+  :data:`CPU_AUTOTUNE`: off where measured on 2 cores (AVX-512 bf16, AVX2 emulated: it re-tunes at every epoch's
+  new iterator and often settles where the train step loses a third of its speed, bench/NOTES.md §7k; off,
+  AUTOTUNE parallelism means one call per core and prefetch buffers grow as the consumer waits); CPU kinds not
+  measured and accelerator hosts keep it.
 
 ``train.kernels: stock`` forces Keras's layers everywhere; ``tuned`` forces tfssl's CPU kernels everywhere.
 ``ONEDNN_MAX_CPU_ISA=AVX2`` (with ``XLA_FLAGS=--xla_cpu_max_isa=AVX2``) makes an AVX-512 CPU plan as the AVX2 CPU it
@@ -64,7 +65,8 @@ CPU_AUTOTUNE = {
     "avx512_bf16": (False, "tf.data autotuner off: every epoch 800-830 img/s, on: a third of epochs at 510-540 "
                            "(bench/NOTES.md §7k)"),
     "avx512": (True, "tf.data autotuner (not measured off)"),
-    "avx2": (True, "tf.data autotuner (not measured off)"),
+    "avx2": (False, "tf.data autotuner off: WCL every epoch 208-210 img/s, on: 3 of 5 epochs at 125-129 (emulated "
+                    "AVX2, bench/NOTES.md §7k)"),
     "generic": (True, "tf.data autotuner (not measured off)"),
 }
 _ISA_ORDER = ("sse41", "avx", "avx2", "avx512_core", "avx512_core_vnni", "avx512_core_bf16", "avx512_core_amx")
