@@ -13,25 +13,15 @@ Prints each run's epoch img/s, then per method and setting the median, min, max 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 
-from end_to_end import ROOT, env_for, recipe_overrides
+from end_to_end import env_for, recipe_overrides, tfssl_summary
 
 
 def run_epochs(method, sets, env):
     """img/s of every epoch after the first of one fresh ``tfssl pretrain`` run, and its device plan."""
-    with tempfile.TemporaryDirectory(prefix="tfssl-autotune-") as work:
-        cmd = [sys.executable, "-m", "tfssl", "pretrain", f"{method}_fashion_mnist", "--workdir", work]
-        cmd += sum((["--set", s] for s in sets), [])
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
-        if out.returncode:
-            raise SystemExit(f"tfssl {method} failed:\n{out.stderr[-3000:]}")
-        summary = json.load(open(os.path.join(work, "summary.json")))
+    summary = tfssl_summary(method, sets, env)
     return summary["history"]["epoch_images_per_second"][1:], summary["train_plan"]
 
 

@@ -40,14 +40,19 @@ def recipe_overrides(steps, batch):
             f"train.steps_per_epoch={steps}", "train.knn_every=0", "train.verbose=0", "train.resume=false"]
 
 
-def run_tfssl(method, sets, env):
+def tfssl_summary(method, sets, env):
+    """The summary.json of one fresh ``tfssl pretrain`` run of ``method``'s recipe with ``sets`` overrides."""
     with tempfile.TemporaryDirectory(prefix="tfssl-e2e-") as work:
         cmd = [sys.executable, "-m", "tfssl", "pretrain", f"{method}_fashion_mnist", "--workdir", work]
         cmd += sum((["--set", s] for s in sets), [])
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
         if out.returncode:
             raise SystemExit(f"tfssl {method} failed:\n{out.stderr[-3000:]}")
-        summary = json.load(open(os.path.join(work, "summary.json")))
+        return json.load(open(os.path.join(work, "summary.json")))
+
+
+def run_tfssl(method, sets, env):
+    summary = tfssl_summary(method, sets, env)
     return summary["history"]["epoch_images_per_second"][-1], summary["train_plan"]
 
 

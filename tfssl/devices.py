@@ -62,12 +62,11 @@ CPU_VIEWS = {
 }
 # CPU kind → (tf.data autotuner on the pretraining pipeline, why)
 CPU_AUTOTUNE = {
-    "avx512_bf16": (False, "tf.data autotuner off: every epoch 800-830 img/s, on: a third of epochs at 510-540 "
+    "avx512_bf16": (False, "ReSSL, MoCo v2: every epoch 810-870 img/s; with it half the epochs at 510-540 "
                            "(bench/NOTES.md §7k)"),
-    "avx512": (True, "tf.data autotuner (not measured off)"),
-    "avx2": (False, "tf.data autotuner off: WCL every epoch 208-210 img/s, on: 3 of 5 epochs at 125-129 (emulated "
-                    "AVX2, bench/NOTES.md §7k)"),
-    "generic": (True, "tf.data autotuner (not measured off)"),
+    "avx512": (True, "tf.data's default (not measured without it)"),
+    "avx2": (False, "WCL: every epoch 208-210 img/s; with it 3 of 5 at 125-129 (emulated AVX2, bench/NOTES.md §7k)"),
+    "generic": (True, "tf.data's default (not measured without it)"),
 }
 _ISA_ORDER = ("sse41", "avx", "avx2", "avx512_core", "avx512_core_vnni", "avx512_core_bf16", "avx512_core_amx")
 
