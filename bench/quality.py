@@ -170,8 +170,12 @@ def write_outputs(out, results, meta):
                                          f"{r['images_per_second']:.0f}",
                                          pct(r.get("online_knn")), pct(r.get("online_probe"))]) + " |")
     other = sorted({(r.get("date"), r.get("cpu_flags")) for r in results} - {(meta["date"], meta["cpu_flags"])})
-    lines += [f"Rows of {', '.join(sorted({r['method'] for r in results if (r.get('date'), r.get('cpu_flags')) == o}))}"
-              f" were measured on {o[0]} with CPU flags ({o[1]})." for o in other]
+    for o in other:                   # a method whose trained row is newer than its baselines names only those
+        group = [r for r in results if (r.get("date"), r.get("cpu_flags")) == o]
+        trained = sorted({r["method"] for r in group if r["subject"] == "trained"})
+        baselines = sorted({r["method"] for r in group} - set(trained))
+        names = ", ".join(trained + ([f"the baselines of {', '.join(baselines)}"] if baselines else []))
+        lines.append(f"Rows of {names} were measured on {o[0]} with CPU flags ({o[1]}).")
     lines += ["", "Reproduce a row: " + "; ".join(f"`{r['command']}`" for r in results if r["subject"] ==
                                                    "trained")]
     with open(os.path.join(out, "results.md"), "w") as f:

@@ -37,6 +37,11 @@ def test_a_call_keeps_other_methods_rows_with_their_date_and_flags_and_replaces_
     md = open(os.path.join(out, "results.md")).read()
     assert "| wcl | trained | 85.0 |" in md and "| ressl | trained | 82.0 |" in md
     assert "Rows of ressl were measured on 2026-12-05 with CPU flags (avx2 fma)." in md
+    newer = [dict(r, date="2026-12-07", cpu_flags="avx2 fma") if r["method"] == "wcl" and r["subject"] == "trained" else r
+             for r in json.load(open(os.path.join(out, "results.json")))["results"]]
+    quality.write_outputs(out, newer, _meta("2026-12-07", "avx2 fma"))   # wcl's baselines stay at 2026-12-06
+    md = open(os.path.join(out, "results.md")).read()
+    assert "Rows of the baselines of wcl were measured on 2026-12-06 with CPU flags (avx2 avx512f fma)." in md
     assert "`run ressl`; `run wcl`" in md
 
 
