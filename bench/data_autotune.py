@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
-from end_to_end import env_for, recipe_overrides, tfssl_summary
+from end_to_end import env_for, recipe_overrides, sweep, tfssl_summary
 
 
 def run_epochs(method, sets, env):
@@ -40,24 +39,12 @@ def main():
     device = detect(environ=env)
     flags = " ".join(f for f in ("fma", "avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in device.flags)
     print(f"CPU: {device.describe()} (flags {flags}), {os.cpu_count()} cores", flush=True)
-    settings = args.settings.split(",")
-    for method in args.methods.split(","):
+    def run(method, setting):
         batch = config.load(f"{method}_fashion_mnist").train.batch_size
-        base = [s for s in recipe_overrides(args.steps, batch) if not s.startswith("train.epochs=")]
-        epochs = {s: [] for s in settings}
-        for r in range(args.repeats):
-            for s in (settings if r % 2 == 0 else settings[::-1]):       # ABBA: no setting always runs first
-                rates, plan = run_epochs(method, base + [f"train.epochs={args.epochs}", f"train.data_autotune={s}"],
-                                         env)
-                epochs[s] += rates
-                print(f"  {method} data_autotune={s} (plan: {'on' if plan['data_autotune'] else 'off'}): "
-                      f"{' '.join(f'{x:.0f}' for x in rates)} img/s", flush=True)
-        everything = statistics.median([x for v in epochs.values() for x in v])
-        for s, v in epochs.items():
-            slow = sum(x < 0.85 * everything for x in v)
-            print(f"{method} data_autotune={s} median {statistics.median(v):.0f} min {min(v):.0f} max {max(v):.0f} "
-                  f"slow {slow}/{len(v)} epochs")
-
+        sets = [s for s in recipe_overrides(args.steps, batch) if not s.startswith("train.epochs=")]
+        rates, plan = run_epochs(method, sets + [f"train.epochs={args.epochs}", f"train.data_autotune={setting}"], env)
+        return rates, "on" if plan["data_autotune"] else "off"
+    sweep("data_autotune", args.settings.split(","), args.methods.split(","), args.repeats, run, unit="epochs")
 
 if __name__ == "__main__":
     main()

@@ -56,6 +56,25 @@ def run_tfssl(method, sets, env):
     return summary["history"]["epoch_images_per_second"][-1], summary["train_plan"]
 
 
+def sweep(key, settings, methods, repeats, run, unit="runs"):
+    """Fresh runs of each method under every value of the recipe key ``key``, alternated ABBA (no setting always
+    runs first, so a drift of the machine falls on all alike). ``run(method, setting)`` gives (img/s figures, plan
+    label). Prints each run, then per setting the median, min, max and how many figures were *slow* (below 0.85 ×
+    the median of all the method's figures: tfssl's slow mode, bench/NOTES.md §7g–7k)."""
+    for method in methods:
+        rates = {s: [] for s in settings}
+        for r in range(repeats):
+            for s in (settings if r % 2 == 0 else settings[::-1]):
+                got, label = run(method, s)
+                rates[s] += got
+                print(f"  {method} {key}={s} (plan: {label}): {' '.join(f'{x:.0f}' for x in got)} img/s", flush=True)
+        everything = statistics.median([x for v in rates.values() for x in v])
+        for s, v in rates.items():
+            slow = sum(x < 0.85 * everything for x in v)
+            print(f"{method} {key}={s} median {statistics.median(v):.0f} min {min(v):.0f} max {max(v):.0f} "
+                  f"slow {slow}/{len(v)} {unit}")
+
+
 def run_torch(cfg_dict, steps, env):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "torch_end_to_end.py"), json.dumps(cfg_dict),
                           str(steps)], env=env, capture_output=True, text=True, cwd=ROOT)

@@ -12,9 +12,8 @@ not as a shift of the median. The winner per CPU kind goes into ``tfssl.devices.
 from __future__ import annotations
 
 import argparse
-import statistics
 
-from end_to_end import env_for, recipe_overrides, run_tfssl
+from end_to_end import env_for, recipe_overrides, run_tfssl, sweep
 
 
 def main():
@@ -31,23 +30,12 @@ def main():
     device = detect(environ=env)
     flags = " ".join(f for f in ("fma", "avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in device.flags)
     print(f"CPU: {device.describe()} (flags {flags})", flush=True)
-    settings = args.settings.split(",")
-    for method in args.methods.split(","):
+    def run(method, setting):
         batch = config.load(f"{method}_fashion_mnist").train.batch_size
-        runs = {s: [] for s in settings}
-        for r in range(args.repeats):
-            for s in (settings if r % 2 == 0 else settings[::-1]):       # ABBA: no setting always runs first
-                rate, plan = run_tfssl(method, recipe_overrides(args.steps, batch) + [f"train.views_parallelism={s}"],
-                                       env)
-                runs[s].append(rate)
-                print(f"  {method} views_parallelism={s} (plan: {plan.get('views_parallelism') or 'AUTOTUNE'}): "
-                      f"{rate:.0f} img/s", flush=True)
-        everything = statistics.median([x for v in runs.values() for x in v])
-        for s, v in runs.items():
-            slow = sum(x < 0.85 * everything for x in v)
-            print(f"{method} views_parallelism={s} median {statistics.median(v):.0f} min {min(v):.0f} max {max(v):.0f} "
-                  f"slow {slow}/{len(v)} runs {[round(x) for x in v]}")
-
+        rate, plan = run_tfssl(method, recipe_overrides(args.steps, batch) + [f"train.views_parallelism={setting}"],
+                               env)
+        return [rate], plan.get("views_parallelism") or "AUTOTUNE"
+    sweep("views_parallelism", args.settings.split(","), args.methods.split(","), args.repeats, run)
 
 if __name__ == "__main__":
     main()
