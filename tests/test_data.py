@@ -569,6 +569,66 @@ def test_evaluation_view_is_the_centre_crop_of_the_short_side_resize(tmp_path):
     assert not squashed.originals and _elements(squashed.train)[0]["image"].shape == (32, 32, 3)
 
 
+def _epochs(ds, epoch, first, count):
+    """The batches of epochs first … first+count−1 of a per-epoch pipeline ``ds`` (one iterator each)."""
+    out = []
+    for e in range(first, first + count):
+        epoch.assign(e)
+        out += list(ds.as_numpy_iterator())
+    return out
+
+
+def _assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["label"], y["label"])
+        for u, v in zip(x["views"], y["views"]):
+            np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("kind", ["in_memory", "originals"])
+def test_endless_epoch_pipeline_is_the_epochs_one_after_another(kind, tmp_path):
+    """Pretraining opens one iterator for the whole run (``endless``, bench/NOTES.md §7m): from the epoch the host
+    variable holds when the iterator starts, the same batches and views as one iterator per epoch; the variable is
+    read once, so setting it per epoch (callbacks.EpochVariable) does not move the stream."""
+    from tfssl.views import Views
+    if kind == "originals":
+        folder = tmp_path / "imgs" / "a"
+        folder.mkdir(parents=True)
+        for i, (h, w) in enumerate([(40, 90), (70, 50), (33, 33), (120, 60), (50, 50)] * 2):
+            Image.fromarray(_coordinate_image(h, w)).save(folder / f"{i}.png")
+        source = data.load_source(DataConfig(name="folder", path=str(tmp_path / "imgs"), image_size=24))
+        views = Views(("strong", "weak"), "imagenet", 24)
+    else:
+        images = np.random.default_rng(0).integers(0, 255, (10, 24, 24, 1), np.uint8)
+        source = data.from_numpy(images, np.arange(10) % 3)
+        views = Views(("strong", "weak"), "fashion_mnist", 24)
+    epoch = tf.Variable(0, dtype=tf.int64)
+    per_epoch = pipeline.epoch_pipeline(source, 4, 3, epoch, views, seed=5)      # 12 images per epoch of 10
+    endless = pipeline.epoch_pipeline(source, 4, 3, epoch, views, seed=5, endless=True)
+    assert int(per_epoch.cardinality()) == 3 and int(endless.cardinality()) == tf.data.INFINITE_CARDINALITY
+    for start in (0, 2):                                                       # a fresh run, a resumed one
+        want = _epochs(per_epoch, epoch, start, 3)
+        epoch.assign(start)
+        stream = iter(endless)
+        got = [next(stream)]
+        epoch.assign(start + 7)                                                # read once: no effect now
+        got += [next(stream) for _ in range(8)]
+        _assert_same_batches(got, want)
+
+
+def test_endless_epoch_pipeline_passes_the_training_step_to_scheduled_views():
+    """Batch b of epoch e is step e·steps + b for a view schedule (WCL's warm-up) in the endless stream too: with
+    constant images the warm-up (crop + flip) views stay constant for steps 0–6 and the later ones are jittered."""
+    from tfssl.views import Views
+    source = data.from_numpy(np.full((8, 24, 24, 1), 77, np.uint8), np.zeros(8, np.int64))
+    views = Views(("strong", "strong"), "fashion_mnist", 24, warmup_recipes=("weak", "weak"), warmup_steps=7)
+    epoch = tf.Variable(1, dtype=tf.int64)
+    stream = iter(pipeline.epoch_pipeline(source, 4, 2, epoch, views, seed=1, endless=True))   # from step 2
+    constant = [all(np.allclose(v, 77 / 255, atol=1e-6) for v in next(stream)["views"]) for _ in range(7)]
+    assert constant == [True] * 5 + [False] * 2
+
+
 def test_originals_pipeline_is_seeded_and_batches_fixed_size_views(tmp_path):
     from tfssl import views as V
     folder = tmp_path / "imgs" / "a"

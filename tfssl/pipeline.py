@@ -16,6 +16,8 @@ import tensorflow as tf
 
 from tfssl.data import AUTOTUNE, DataError, indexed
 
+_NO_END = np.iinfo(np.int64).max   # an endless stream's range
+
 
 def train_pipeline(ds, batch_size, views=None, seed=None, shuffle_buffer=10000, repeat=True, start_step=0):
     """Shuffle, repeat, batch (drop remainder: static shapes for XLA/TPU) and, if given, make the views in-pipeline.
@@ -44,45 +46,66 @@ def _step_seed(seed, step, stream=0):
     return tf.random.experimental.stateless_fold_in(base, stream) if stream else base
 
 
-def _epoch_elements(n, batch_size, steps, epoch, seed):
+def _epoch_elements(n, batch_size, steps, epoch, seed, endless=False):
     """Dataset of (global element index g, training image index i): one epoch of ``steps`` batches when ``epoch``
-    (an int64 host variable, read when the iterator starts producing) is given, else an endless stream from g=0.
+    (an int64 host variable, read when the iterator starts producing) is given, else an endless stream from g=0;
+    ``endless`` with ``epoch``: an endless stream from the start of the epoch ``epoch`` holds when the iterator
+    starts (read once), i.e. the epochs one after another in one iterator.
 
     Pass p = g // n visits every image once, in the seeded permutation ``index_shuffle(g mod n, (seed, p))``: the
     order of any step is known without replaying the ones before, so a resumed run reads what an uninterrupted one
     would have read.
     """
-    per_epoch = steps * batch_size if epoch is not None else np.iinfo(np.int64).max
+    per_epoch = steps * batch_size if epoch is not None else _NO_END
     seed = int(seed or 0)
 
-    def element(k):
-        g = k if epoch is None else tf.cast(epoch.read_value(), tf.int64) * per_epoch + k
+    def element(g):
         key = tf.stack([tf.constant(seed, tf.int64), g // n])
         return g, tf.random.experimental.index_shuffle(g % n, key, n - 1)
-    return tf.data.Dataset.range(per_epoch).map(element, AUTOTUNE, deterministic=True)
+    if epoch is None:
+        return tf.data.Dataset.range(_NO_END).map(element, AUTOTUNE, deterministic=True)
+    if endless:
+        g = tf.data.Dataset.range(1).flat_map(   # flat_map's function runs once, when the iterator starts
+            lambda _: tf.data.Dataset.range(tf.cast(epoch.read_value(), tf.int64) * per_epoch, _NO_END))
+        g = g.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
+        return g.map(element, AUTOTUNE, deterministic=True)
+    return tf.data.Dataset.range(per_epoch).map(lambda k: element(tf.cast(epoch.read_value(), tf.int64) * per_epoch
+                                                                  + k), AUTOTUNE, deterministic=True)
 
 
-def epoch_pipeline(source, batch_size, steps, epoch=None, views=None, seed=0, views_parallelism=None):
+def _step(g, batch_size):
+    """The training step of a batch from its elements' global indices ``g`` [B]: batch b of epoch e holds
+    g = e·steps·B + b·B …, so g[0] // B = e·steps + b (the step ``model.fit`` runs it at)."""
+    return g[0] // batch_size
+
+
+def epoch_pipeline(source, batch_size, steps, epoch=None, views=None, seed=0, views_parallelism=None,
+                   endless=False):
     """Pretraining batches that depend only on (``seed``, epoch): images in a seeded permutation per pass over the
     data (:func:`_epoch_elements`) read through ``source.lookup``, views drawn with the stateless seed (seed, step).
 
     ``epoch``: an int64 ``tf.Variable`` on the host that the job sets at each epoch start (``callbacks.EpochVariable``);
-    the dataset then yields that epoch's ``steps`` batches and ``model.fit`` makes a new iterator every epoch. None:
-    an endless stream from step 0. Yields ``{"image", "label"}`` or, with ``views``, ``{"views", "label"}``.
-    ``views_parallelism``: batches of views made at once (the device plan's, :mod:`tfssl.devices`); None: AUTOTUNE.
+    the dataset then yields that epoch's ``steps`` batches and ``model.fit`` makes a new iterator every epoch.
+    ``endless=True`` (what pretraining uses): one iterator for the whole run, starting at the epoch ``epoch`` holds
+    when ``model.fit`` opens it and running on across epochs (``fit(steps_per_epoch=steps)``), the same batches as
+    one iterator per epoch without re-opening the pipeline every epoch (0.2-0.6 s each, bench/NOTES.md §7m).
+    ``epoch=None``: an endless stream from step 0. Yields ``{"image", "label"}`` or, with ``views``,
+    ``{"views", "label"}``. ``views_parallelism``: batches of views made at once (the device plan's,
+    :mod:`tfssl.devices`); None: AUTOTUNE.
     """
-    ds = _epoch_elements(source.num_train, batch_size, steps, epoch, seed)
+    ds = _epoch_elements(source.num_train, batch_size, steps, epoch, seed, endless)
     if source.originals:
-        return _originals_epoch(source, ds, batch_size, steps, epoch, views, seed, views_parallelism)
+        return _originals_epoch(source, ds, batch_size, views, seed, views_parallelism)
     lookup = indexed(source)
-    ds = ds.map(lambda g, i: lookup(i), AUTOTUNE, deterministic=True).batch(batch_size, drop_remainder=True)
     if views is None:
+        ds = ds.map(lambda g, i: lookup(i), AUTOTUNE, deterministic=True).batch(batch_size, drop_remainder=True)
         return ds.prefetch(AUTOTUNE)
+    ds = ds.map(lambda g, i: (g, lookup(i)), AUTOTUNE, deterministic=True).batch(batch_size, drop_remainder=True)
 
-    def make_views(b, e):
-        step = b if epoch is None else tf.cast(epoch.read_value(), tf.int64) * steps + b
+    def make_views(g, e):
+        step = _step(g, batch_size)
         return {"views": views(e["image"], step=step, seed=_step_seed(seed, step)), "label": e["label"]}
-    return ds.enumerate().map(make_views, views_parallelism or AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
+    return ds.map(make_views, views_parallelism or AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
 
 
 def _crops(views, image, g, batch_size, seed, stream=0):
@@ -91,7 +114,7 @@ def _crops(views, image, g, batch_size, seed, stream=0):
     return views.crop_stage(image, seed=_step_seed(seed, g, stream + 17), step=g // batch_size)
 
 
-def _originals_epoch(source, elements, batch_size, steps, epoch, views, seed, views_parallelism=None):
+def _originals_epoch(source, elements, batch_size, views, seed, views_parallelism=None):
     """:func:`epoch_pipeline` for a source of originals (image folders): each view's RandomResizedCrop is made per
     image on the decoded original (any size and aspect), the rest of the views on the batch of crops."""
     if views is None:
@@ -102,13 +125,13 @@ def _originals_epoch(source, elements, batch_size, steps, epoch, views, seed, vi
 
     def element(g, i):
         e = lookup(i)
-        return {"crops": _crops(views, e["image"], g, batch_size, seed), "label": e["label"]}
+        return g, {"crops": _crops(views, e["image"], g, batch_size, seed), "label": e["label"]}
 
-    def make_views(b, e):
-        step = b if epoch is None else tf.cast(epoch.read_value(), tf.int64) * steps + b
+    def make_views(g, e):
+        step = _step(g, batch_size)
         return {"views": views.after_crop(e["crops"], step=step, seed=_step_seed(seed, step)), "label": e["label"]}
     ds = elements.map(element, AUTOTUNE, deterministic=True).batch(batch_size, drop_remainder=True)
-    return ds.enumerate().map(make_views, views_parallelism or AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
+    return ds.map(make_views, views_parallelism or AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
 
 
 def pair_pipeline(source, table, views, batch_size, mix, seed=0, steps=None, epoch=None, views_parallelism=None):

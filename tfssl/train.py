@@ -163,7 +163,8 @@ def _fit(cfg, workdir, log, strategy, source, steps, total, views, backup_dir, c
     cbs += [backup, checkpoint, keras.callbacks.TensorBoard(os.path.join(workdir, "tensorboard"), write_graph=False)]
 
     start = time.perf_counter()
-    finite = int(batches.cardinality()) > 0           # one epoch per iterator; else an endless stream
+    epoch.assign(initial_epoch)        # where an endless pipeline starts (EpochVariable sets it again, per epoch)
+    finite = int(batches.cardinality()) > 0           # one epoch per iterator (CsMl); else one endless iterator
     model.fit(batches, initial_epoch=initial_epoch, epochs=cfg.train.epochs,
               steps_per_epoch=None if finite else steps, callbacks=cbs, verbose=cfg.train.verbose, shuffle=False)
     wall = time.perf_counter() - start

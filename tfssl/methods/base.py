@@ -159,10 +159,11 @@ class SSLMethod(KerasNative, distribute.MultiWorkerFit, keras.Model):
 
     # ----------------------------------------------------------------- hooks of the pretraining job (train.py)
     def make_pipeline(self, source, views, cfg, steps, epoch, views_parallelism=None):
-        """The tf.data pipeline of pretraining: one epoch of ``steps`` batches fixed by (data seed, ``epoch``: a host
-        int64 variable set at every epoch start), views made in the pipeline unless on the device, at most
-        ``views_parallelism`` batches at once (the device plan's; None: AUTOTUNE). A source without random access
-        (large TFDS) gets an endless stream instead (:func:`tfssl.pipeline.stream_pipeline`)."""
+        """The tf.data pipeline of pretraining: one endless iterator from the epoch that ``epoch`` (a host int64
+        variable set at every epoch start) holds when ``model.fit`` opens it, ``steps`` batches per epoch fixed by
+        (data seed, epoch) (:func:`tfssl.pipeline.epoch_pipeline`, ``endless``); views made in the pipeline unless
+        on the device, at most ``views_parallelism`` batches at once (the device plan's; None: AUTOTUNE). A source
+        without random access (large TFDS) gets a shuffled stream instead (:func:`tfssl.pipeline.stream_pipeline`)."""
         par = {"views_parallelism": views_parallelism}
         pipeline_views = None if cfg.augment.on_device else views
         if source.originals and source.lookup_original is None:      # originals without random access (TFDS)
@@ -179,7 +180,7 @@ class SSLMethod(KerasNative, distribute.MultiWorkerFit, keras.Model):
                 return pipeline.stream_pipeline(source.train, cfg.train.batch_size, steps, epoch, pipeline_views,
                                                 seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer, **par)
         return pipeline.epoch_pipeline(source, cfg.train.batch_size, steps, epoch, pipeline_views, seed=cfg.data.seed,
-                                       **par)
+                                       endless=epoch is not None, **par)
 
     def job_callbacks(self, source, cfg, log=print):
         """Extra Keras callbacks of pretraining (CsMl: neighbour mining)."""
