@@ -12,7 +12,8 @@ Parts, each in images/s (one image = one source image with all its views):
 * ``fit`` — ``model.fit`` on the real pipeline (what ``tfssl pretrain`` runs; the end-to-end figure).
 
 Variants change one thing of the device plan (tfssl/devices.py) from ``auto``: ``stock`` (Keras's layers instead of
-tfssl's tuned kernels), ``float32`` / ``bf16`` (precision), ``graph`` / ``xla`` (``jit_compile``). Each variant
+tfssl's tuned kernels), ``float32`` / ``bf16`` (precision), ``graph`` / ``xla`` (``jit_compile``), ``fused_bn`` /
+``xla_bn`` (the graph step's BatchNorm kernel, ``tfssl.devices.CPU_GRAPH_BN``, on every CPU kind). Each variant
 builds its own model; the first epoch of each part is untimed (tracing, XLA, oneDNN primitives). Environment caps
 (``ONEDNN_MAX_CPU_ISA`` …) apply as in bench/end_to_end.py (``--emulate avx2`` re-runs this script under them).
 """
@@ -29,7 +30,27 @@ sys.path.insert(0, ROOT)
 EMULATE = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "XLA_FLAGS": "--xla_cpu_max_isa=AVX2"}}
 VARIANTS = {"auto": [], "stock": ["train.kernels=stock"], "tuned": ["train.kernels=tuned"],
             "float32": ["train.precision=float32"], "bf16": ["train.precision=mixed_bfloat16"],
-            "graph": ["train.jit_compile=false"], "xla": ["train.jit_compile=true"]}
+            "graph": ["train.jit_compile=false"], "xla": ["train.jit_compile=true"], "fused_bn": [],
+            "xla_bn": []}
+# variants that change a device-plan table instead of a recipe key: the graph step's BatchNorm kernel on every CPU kind
+GRAPH_BN = {"fused_bn": "fused_v3", "xla_bn": "xla_forward"}
+
+
+def plan_table(variant):
+    """The ``tfssl.devices.CPU_GRAPH_BN`` a variant's step is traced with (a context manager)."""
+    import contextlib
+    from tfssl import devices
+
+    @contextlib.contextmanager
+    def patched():
+        saved = dict(devices.CPU_GRAPH_BN)
+        if variant in GRAPH_BN:
+            devices.CPU_GRAPH_BN.update({k: (GRAPH_BN[variant], variant) for k in saved})
+        try:
+            yield
+        finally:
+            devices.CPU_GRAPH_BN.update(saved)
+    return patched()
 
 
 def build(method, sets):
@@ -126,14 +147,16 @@ def main():
     print(f"{detect().describe()}; {args.method}, {args.steps} steps per timed epoch, variants {variants}", flush=True)
     built = {}
     for v in variants:
-        cfg, model, batches, plan = build(args.method, base + VARIANTS[v])
+        with plan_table(v):
+            cfg, model, batches, plan = build(args.method, base + VARIANTS[v])
         batch = cfg.train.batch_size
         one = batches.take(1).cache().repeat()
         built[v] = (model, batches, one, batch)
         print(f"  {v}: {plan.describe()}", flush=True)
     if args.profile:
         for v in variants:
-            profile(v, *built[v][:3], args.steps, args.profile)
+            with plan_table(v):
+                profile(v, *built[v][:3], args.steps, args.profile)
         return
     rates = {(v, part): [] for v in variants for part in parts}
     for r in range(args.repeats):
@@ -149,7 +172,8 @@ def main():
                         tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, next(it))
                     seconds = time.perf_counter() - start
                 else:
-                    seconds = timed_fit(model, one if part == "step" else batches.repeat(), args.steps)
+                    with plan_table(v):
+                        seconds = timed_fit(model, one if part == "step" else batches.repeat(), args.steps)
                 rates[(v, part)].append(args.steps * batch / seconds)
         print(f"  repeat {r + 1}: " + ", ".join(f"{v}/{part} {rates[(v, part)][-1]:.0f}" for v in variants
                                                 for part in parts), flush=True)

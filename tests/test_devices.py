@@ -18,7 +18,7 @@ KINDS = {"avx2": Device("cpu", AVX2), "generic": Device("cpu", frozenset("fpu ss
          "a100": Device("gpu", compute_capability=(8, 0)), "k80": Device("gpu", compute_capability=(3, 7)),
          "tpu": Device("tpu")}
 # device → (jit, conv, chunk MB, batch norm, precision) under jit/kernels/precision = auto
-EXPECTED = {"avx2": (False, "chunked", 8, "fused_v3", "float32"),
+EXPECTED = {"avx2": (False, "chunked", 8, "xla_forward", "float32"),
             "generic": (False, "chunked", 8, "fused_v3", "float32"),
             "avx512": (False, "chunked", 8, "fused_v3", "float32"),
             "bf16": (False, "chunked", 8, "fused_v3", "mixed_bfloat16"),
@@ -45,8 +45,9 @@ def test_explicit_settings_win_and_kernels_follow_the_compile_mode():
         for jit in (True, False):
             p = plan(device, jit, "tuned", "float32")
             assert p.jit is jit and p.reasons["jit"] == "train.jit_compile" and p.precision == "float32"
+            graph_bn = devices.CPU_GRAPH_BN[device.cpu_kind][0] if device.kind == "cpu" else "fused_v3"
             assert (p.conv, p.conv_chunk_bytes, p.batch_norm) == \
-                ("chunked", (2 if jit else 8) << 20, "closed_form" if jit else "fused_v3")
+                ("chunked", (2 if jit else 8) << 20, "closed_form" if jit else graph_bn)
             stock = plan(device, jit, "stock", "mixed_bfloat16")
             assert (stock.conv, stock.conv_chunk_bytes, stock.batch_norm) == ("stock", None, "stock")
             assert {k: stock.reasons[k] for k in ("jit", "kernels", "precision")} == \
@@ -57,7 +58,7 @@ def test_explicit_settings_win_and_kernels_follow_the_compile_mode():
 
 def test_multi_worker_on_a_cpu_runs_without_xla():
     p = plan(KINDS["avx2"], True, "auto", "float32", multi_worker=True)
-    assert not p.jit and "no collectives" in p.reasons["jit"] and p.batch_norm == "fused_v3"
+    assert not p.jit and "no collectives" in p.reasons["jit"] and p.batch_norm == "xla_forward"   # the graph's
     assert plan(KINDS["a100"], True, "auto", "float32", multi_worker=True).jit
 
 
@@ -161,7 +162,9 @@ def test_a_cpuinfo_file_gives_its_kinds_row_of_choices(tmp_path, flags, kind, pr
     jit, row_precision, why = devices.CPU_CHOICES[kind]
     assert (p.jit, p.precision) == (jit, precision) == (False, row_precision)
     assert p.reasons["jit"] == f"auto: {why}" and why in p.describe()
-    assert (p.conv, p.batch_norm) == ("chunked", "fused_v3")        # the graph's tuned kernels
+    bn, why_bn = devices.CPU_GRAPH_BN[kind]                         # the graph's tuned kernels: the kind's row
+    assert (p.conv, p.batch_norm) == ("chunked", bn) and why_bn in p.reasons["kernels"]
+    assert bn == ("xla_forward" if kind == "avx2" else "fused_v3")   # measured faster on AVX2 only (NOTES §7m)
     assert plan(device, True, "auto", "auto").batch_norm == "closed_form"   # an explicit XLA step: its kernels
     calls, why_views = devices.CPU_VIEWS[kind]                       # the input pipeline's views: the kind's row
     assert p.views_parallelism == calls and p.reasons["views"] == f"auto: {why_views}"

@@ -11,11 +11,11 @@ import pytest
 import tensorflow as tf
 
 from tfssl.backbones import (ChunkedGradConv2D, FusedBatchNormalization, SyncBatchNormalization, batch_norm_fused,
-                             batch_norm_train, build_backbone, conv2d_chunked_grad)
+                             batch_norm_train, batch_norm_xla_forward, build_backbone, conv2d_chunked_grad)
 from tfssl.export import plain_backbone
 
 SHAPES = [(7, 5), (4, 3, 3, 6), (16, 8, 8, 32), (2, 1, 1, 3)]
-KERNELS = {"closed_form": batch_norm_train, "fused_v3": batch_norm_fused}
+KERNELS = {"closed_form": batch_norm_train, "fused_v3": batch_norm_fused, "xla_forward": batch_norm_xla_forward}
 
 
 def _inputs(shape, seed):
@@ -41,7 +41,7 @@ def test_forward_matches_numpy_float64(shape, kernel):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kernel,dtype", [("closed_form", tf.float64), ("closed_form", tf.float32),
-                                          ("fused_v3", tf.float32)])      # FusedBatchNormV3 has no float64 kernel
+                                          ("fused_v3", tf.float32), ("xla_forward", tf.float32)])   # no float64
 def test_gradients_match_autodiff_of_the_formula(shape, kernel, dtype):
     x, gamma, beta, upstream = _inputs(shape, 1)
     axes = list(range(len(shape) - 1))
@@ -72,7 +72,7 @@ def test_gradient_matches_finite_differences():
 
 
 @pytest.mark.parametrize("jit,bn_kernel", [(False, "fused_v3"), (True, "closed_form"), (True, "fused_v3"),
-                                           (False, "stock"), (True, "stock")])
+                                           (False, "xla_forward"), (False, "stock"), (True, "stock")])
 def test_layer_equals_keras_batch_normalization(jit, bn_kernel):
     x, _, _, upstream = _inputs((8, 4, 4, 6), 3)
     x, w = tf.constant(x, tf.float32), tf.constant(upstream, tf.float32)
@@ -106,7 +106,7 @@ def test_layer_equals_keras_batch_normalization(jit, bn_kernel):
                                layers[keras.layers.BatchNormalization](x, training=False).numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("bn_kernel", ["fused_v3", "closed_form"])
+@pytest.mark.parametrize("bn_kernel", ["fused_v3", "closed_form", "xla_forward"])
 def test_mixed_precision_inputs_keep_float32_statistics(bn_kernel):
     layer = FusedBatchNormalization(momentum=0.9, dtype="mixed_float16")
     layer.kernel = bn_kernel

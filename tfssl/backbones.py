@@ -78,12 +78,53 @@ def batch_norm_fused(x, gamma, beta, epsilon):
     return y if four_d else tf.reshape(y, tf.shape(x)), tf.stop_gradient(mean), tf.stop_gradient(variance)
 
 
+@tf.function(jit_compile=True)
+def _bn_forward_xla(x, gamma, beta, epsilon):
+    """y = γ·x̂ + β and the batch's μ, σ² (two passes, as :func:`batch_norm_train`) for rows x [M, C], compiled by
+    XLA into fused loops: three passes over the activation where oneDNN's training kernel is slow (§7m)."""
+    m = tf.cast(tf.shape(x)[0], x.dtype)
+    mean = tf.reduce_sum(x, 0) / m
+    centred = x - mean
+    variance = tf.reduce_sum(centred * centred, 0) / m
+    return centred * (gamma * tf.math.rsqrt(variance + epsilon)) + beta, mean, variance
+
+
+def batch_norm_xla_forward(x, gamma, beta, epsilon):
+    """Training-mode batch normalisation whose forward pass is a small XLA cluster (:func:`_bn_forward_xla`) inside
+    the TF-graph step and whose backward pass is TensorFlow's ``FusedBatchNormGradV3`` kernel (oneDNN on x86 CPUs).
+    Returns (y, μ, σ²) like :func:`batch_norm_train`, σ² biased; μ, σ² carry no gradient.
+
+    The gradient op takes the forward's batch mean and variance as its reserve spaces: on CPUs the (biased) variance,
+    as its op definition says, where cuDNN wants the inverse variance; so this kernel is for CPU steps only and the
+    device plan picks it only for the CPU kinds where it was measured faster (:data:`tfssl.devices.CPU_GRAPH_BN`:
+    AVX2, whose oneDNN training forward is 1.5-1.9× slower than these fused loops, bench/NOTES.md §7m).
+    """
+    channels = x.shape[-1]
+    rows = x if x.shape.rank == 4 else tf.reshape(x, (-1, 1, 1, channels))   # the gradient op wants 4-D NHWC
+    epsilon = float(epsilon)
+
+    @tf.custom_gradient
+    def bn(rows, gamma, beta):
+        y, mean, variance = _bn_forward_xla(tf.reshape(rows, (-1, channels)), gamma, beta, epsilon)
+
+        def grad(dy, _dmean, _dvariance):
+            dx, dgamma, dbeta = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=tf.reshape(dy, tf.shape(rows)), x=rows, scale=gamma, reserve_space_1=mean,
+                reserve_space_2=variance, reserve_space_3=tf.zeros([0], rows.dtype), epsilon=epsilon,
+                is_training=True)[:3]
+            return dx, dgamma, dbeta
+        return (y, mean, variance), grad
+    y, mean, variance = bn(rows, gamma, beta)
+    return tf.reshape(y, tf.shape(x)), tf.stop_gradient(mean), tf.stop_gradient(variance)
+
+
 @keras.saving.register_keras_serializable(package="tfssl")
 class FusedBatchNormalization(layers.BatchNormalization):
-    """BatchNormalization whose training step is one of two fused kernels (statistics of this replica's batch):
-    ``kernel = "closed_form"`` (:func:`batch_norm_train`, the closed-form gradient; for XLA-compiled steps) or
-    ``"fused_v3"`` (TensorFlow's ``FusedBatchNormV3``, :func:`batch_norm_fused`; for TF-graph steps, the default),
-    or ``"stock"`` (Keras's own training path). The device plan sets it (:func:`tfssl.devices.apply_kernels`).
+    """BatchNormalization whose training step is one of three fused kernels (statistics of this replica's batch):
+    ``kernel = "closed_form"`` (:func:`batch_norm_train`, the closed-form gradient; for XLA-compiled steps),
+    ``"fused_v3"`` (TensorFlow's ``FusedBatchNormV3``, :func:`batch_norm_fused`; for TF-graph steps, the default) or
+    ``"xla_forward"`` (:func:`batch_norm_xla_forward`: an XLA forward in TF-graph steps, CPUs only), or ``"stock"``
+    (Keras's own training path). The device plan sets it (:func:`tfssl.devices.apply_kernels`).
 
     Same variables, config, moving-statistics update and inference path as Keras's layer; only the training-mode
     forward/backward is written out. Masks and renorm fall back to Keras's implementation. Exported backbones
@@ -98,9 +139,10 @@ class FusedBatchNormalization(layers.BatchNormalization):
         last_axis_only = list(self._reduction_axes) == list(range(len(inputs.shape) - 1))
         if not (last_axis_only and self._fused_ok(training, mask)):
             return super().call(inputs, training=training, mask=mask)
-        if self.kernel == "closed_form":         # float32 statistics under mixed precision, as Keras's layer
-            y, mean, variance = batch_norm_train(tf.cast(inputs, tf.float32), tf.cast(self.gamma, tf.float32),
-                                                 tf.cast(self.beta, tf.float32), self.epsilon)
+        if self.kernel in ("closed_form", "xla_forward"):   # float32 statistics under mixed precision, as Keras
+            fn = batch_norm_train if self.kernel == "closed_form" else batch_norm_xla_forward
+            y, mean, variance = fn(tf.cast(inputs, tf.float32), tf.cast(self.gamma, tf.float32),
+                                   tf.cast(self.beta, tf.float32), self.epsilon)
         else:   # FusedBatchNormV3 takes 16-bit x with float32 γ, β and accumulates in float32: no casts (§7)
             x = inputs if inputs.dtype in (tf.bfloat16, tf.float16) else tf.cast(inputs, tf.float32)
             y, mean, variance = batch_norm_fused(x, tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32),

@@ -53,6 +53,14 @@ CPU_CHOICES = {
     "avx2": (False, "float32", "CPU with AVX2: oneDNN graph, 1.17-1.24x XLA end to end (bench/NOTES.md §7)"),
     "generic": (False, "float32", "CPU without AVX2: TensorFlow's default graph (not measured)"),
 }
+# CPU kind → (BatchNorm training kernel of TF-graph steps, why); XLA steps use the closed form everywhere
+CPU_GRAPH_BN = {
+    "avx512_bf16": ("fused_v3", "FusedBatchNormV3 takes the bf16 activations directly (bench/NOTES.md §7c)"),
+    "avx512": ("fused_v3", "FusedBatchNormV3 (bench/NOTES.md §5)"),
+    "avx2": ("xla_forward", "an XLA forward, FusedBatchNormV3's gradient: oneDNN's AVX2 training forward is "
+                            "1.5-1.9x slower (emulated AVX2, bench/NOTES.md §7m)"),
+    "generic": ("fused_v3", "FusedBatchNormV3 (not measured)"),
+}
 # CPU kind → batches of views the input pipeline makes at once (None: tf.data's AUTOTUNE) and why
 CPU_VIEWS = {
     "avx512_bf16": (None, "tf.data AUTOTUNE: 824 img/s median, one batch at a time 543 (bench/NOTES.md §7j)"),
@@ -149,7 +157,7 @@ class Plan:
     jit: bool
     conv: str                                    # stock | chunked
     conv_chunk_bytes: Optional[int]              # kernel-gradient chunk of ``chunked``
-    batch_norm: str                              # stock | fused_v3 | closed_form
+    batch_norm: str                              # stock | fused_v3 | closed_form | xla_forward
     precision: str
     reasons: Dict[str, str] = field(default_factory=dict)
     views_parallelism: Optional[int] = None      # batches of views the input pipeline makes at once; None: AUTOTUNE
@@ -187,17 +195,21 @@ def _jit(device, setting, multi_worker, deterministic=False):
 
 
 def _kernels(device, setting, jit):
-    """(conv, chunk bytes, batch_norm, reason)."""
+    """(conv, chunk bytes, batch_norm, reason). ``xla_forward`` BatchNorm is for CPUs only (its gradient op reads
+    the variance where cuDNN reads the inverse variance), so ``tuned`` on an accelerator gets ``fused_v3``."""
     if setting not in KERNEL_SETTINGS:
         raise ValueError(f"train.kernels={setting!r} is not one of {', '.join(KERNEL_SETTINGS)}")
-    tuned = ("chunked", CHUNK_BYTES[jit], "closed_form" if jit else "fused_v3")
+    bn, why_bn = ("closed_form", "closed-form BatchNorm") if jit else \
+        CPU_GRAPH_BN[device.cpu_kind] if device.kind == "cpu" else ("fused_v3", "FusedBatchNormV3")
+    tuned = ("chunked", CHUNK_BYTES[jit], bn)
     if setting == "stock":
         return "stock", None, "stock", "train.kernels=stock"
     if setting == "tuned":
         return (*tuned, "train.kernels=tuned")
     if device.kind != "cpu":
         return "stock", None, "stock", f"auto: {device.kind.upper()}, Keras's layers (tfssl's kernels are CPU-tuned)"
-    return (*tuned, f"auto: CPU {'XLA' if jit else 'graph'} kernels (bench/NOTES.md §{'4' if jit else '5'})")
+    return (*tuned, f"auto: CPU {'XLA' if jit else 'graph'} kernels (bench/NOTES.md §{'4' if jit else '5'}), "
+                    f"BatchNorm: {why_bn}")
 
 
 def _precision(device, setting):
