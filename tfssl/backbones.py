@@ -90,8 +90,9 @@ def _bn_forward_xla(x, gamma, beta, epsilon):
 
 
 def batch_norm_xla_forward(x, gamma, beta, epsilon):
-    """Training-mode batch normalisation whose forward pass is a small XLA cluster (:func:`_bn_forward_xla`) inside
-    the TF-graph step and whose backward pass is TensorFlow's ``FusedBatchNormGradV3`` kernel (oneDNN on x86 CPUs).
+    """Training-mode batch normalisation whose forward pass is a small XLA cluster (:func:`_bn_forward_xla`)
+    inside the TF-graph step and whose backward pass is TensorFlow's ``FusedBatchNormGradV3`` kernel (oneDNN on x86
+    CPUs).
     Returns (y, μ, σ²) like :func:`batch_norm_train`, σ² biased; μ, σ² carry no gradient.
 
     The gradient op takes the forward's batch mean and variance as its reserve spaces: on CPUs the (biased) variance,

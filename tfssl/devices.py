@@ -15,8 +15,8 @@ What ``auto`` picks, and the measurement behind it (bench/NOTES.md):
   kernels are tfssl's tuned ones, per compile mode: under XLA the closed-form BatchNorm gradient and 2 MB
   kernel-gradient chunks (§4), in the graph FusedBatchNormV3 (16-bit activations taken directly) and 8 MB chunks
   (§5), except on AVX2, whose oneDNN BatchNorm forward is slow: there an XLA forward with FusedBatchNormV3's
-  gradient (:data:`CPU_GRAPH_BN`, §7m). Precision ``mixed_bfloat16`` where the CPU has bf16 arithmetic (``avx512_bf16`` or AMX: 1.54× per ReSSL
-  step, §5b), float32 otherwise.
+  gradient (:data:`CPU_GRAPH_BN`, §7m). Precision ``mixed_bfloat16`` where the CPU has bf16 arithmetic
+  (``avx512_bf16`` or AMX: 1.54× per ReSSL step, §5b), float32 otherwise.
 * **GPU / TPU** — XLA (a TPU has no other mode), Keras's stock layers (cuDNN / XLA's own convolutions and batch
   norm): tfssl's kernels were tuned on 2 CPU cores and never measured there. Precision: ``mixed_bfloat16`` on TPUs
   and on GPUs of compute capability ≥ 8 (Ampere and newer: bf16 tensor cores, no loss scaling), ``mixed_float16``
