@@ -85,6 +85,25 @@ def test_pair_pipeline_mix_lambda_is_the_anchor_pixel_fraction_and_seeded():
     assert len(lams) > 1                                  # a new box every batch
 
 
+def test_pair_pipeline_epoch_batches_are_the_streams_at_their_steps():
+    """Epoch e's batch b is step e·steps + b (its element indices tell it): the same pairs, CutMix box and λ′ as
+    the endless stream's batch at that step, so a resumed CsMl run draws what an uninterrupted one did."""
+    source = _indexed_source()
+    table = tf.Variable(np.stack([(np.arange(40) + d) % 40 for d in (1, 2, 3)], axis=1).astype(np.int32))
+    stream = [b for b, _ in zip(pipeline.pair_pipeline(source, table, _identity, B, cutmix, seed=5), range(6))]
+    epoch = tf.Variable(2, dtype=tf.int64)
+    per_epoch = list(pipeline.pair_pipeline(source, table, _identity, B, cutmix, seed=5, steps=2, epoch=epoch))
+    assert len(per_epoch) == 2
+    for got, want in zip(per_epoch, stream[4:6]):
+        for u, v in zip(got["views"], want["views"]):
+            np.testing.assert_array_equal(u.numpy(), v.numpy())
+    for b, batch in enumerate(per_epoch):                 # the box of step 2·2 + b, drawn here independently
+        qi, _, qj = batch["views"][:3]
+        mixed, lam = cutmix(qi, qj, tf.constant([5, 4 + b], tf.int64))
+        np.testing.assert_array_equal(batch["views"][4].numpy(), mixed.numpy())
+        np.testing.assert_allclose(batch["views"][5].numpy(), float(lam))
+
+
 def test_pair_pipeline_errors_and_in_memory_random_access():
     source = _indexed_source(40)
     with pytest.raises(data.DataError, match="40 training images"):

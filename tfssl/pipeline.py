@@ -160,12 +160,12 @@ def pair_pipeline(source, table, views, batch_size, mix, seed=0, steps=None, epo
         j = tf.cast(tf.gather(table[i], draw), tf.int64)
         a, b = lookup(i), lookup(j)
         if originals:                           # image folders: crop the originals per image, here
-            return {"anchor": _crops(views, a["image"], g, batch_size, seed, 1),
-                    "neighbour": _crops(views, b["image"], g, batch_size, seed, 2), "label": a["label"]}
-        return {"anchor": a["image"], "neighbour": b["image"], "label": a["label"]}
+            return g, {"anchor": _crops(views, a["image"], g, batch_size, seed, 1),
+                       "neighbour": _crops(views, b["image"], g, batch_size, seed, 2), "label": a["label"]}
+        return g, {"anchor": a["image"], "neighbour": b["image"], "label": a["label"]}
 
-    def make_views(b, e):
-        step = b if epoch is None else tf.cast(epoch.read_value(), tf.int64) * steps + b
+    def make_views(g, e):
+        step = _step(g, batch_size)
         if originals:
             qi, ki = views.after_crop(e["anchor"], step=step, seed=_step_seed(seed, step, 1))[:2]
             qj, kj = views.after_crop(e["neighbour"], step=step, seed=_step_seed(seed, step, 2))[:2]
@@ -178,8 +178,8 @@ def pair_pipeline(source, table, views, batch_size, mix, seed=0, steps=None, epo
     ds = _epoch_elements(n, batch_size, steps or 1, epoch, seed).map(pair, AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=True)
     if views is None:
-        return ds.prefetch(AUTOTUNE)
-    return ds.enumerate().map(make_views, views_parallelism or AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
+        return ds.map(lambda g, e: e).prefetch(AUTOTUNE)
+    return ds.map(make_views, views_parallelism or AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
 
 
 def stream_pipeline(ds, batch_size, steps, epoch, views=None, seed=0, shuffle_buffer=10000, originals_ds=None,
