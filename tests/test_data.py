@@ -237,6 +237,42 @@ def test_from_numpy_uint8_and_float():
     assert [int(e["label"]) for e in els] == [-1] * 10
 
 
+@pytest.mark.parametrize("size,channels", [(16, 1), (20, 3), (12, 1)])
+def test_in_memory_images_are_prepared_once_as_each_read_would(size, channels, monkeypatch):
+    """Arrays are resized to data.image_size/channels once at load (or kept when they already fit), and the training
+    dataset and the random-access lookup give what preparing each image at each read gave."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (9, 16, 16, 1), dtype=np.uint8)
+    cfg = DataConfig(name="numpy", image_size=size, channels=channels)
+    per_image = np.stack([data._prepare(tf.constant(im), size, channels).numpy() for im in x])
+    calls = []
+    real = data._prepare
+    monkeypatch.setattr(data, "_prepare", lambda *a: calls.append(1) or real(*a))
+    src = data.from_numpy(x, np.arange(9), cfg=cfg)
+    at_load = len(calls)
+    assert at_load == (0 if (size, channels) == (16, 1) else 1)          # one batched call, none for the identity
+    np.testing.assert_array_equal(np.stack([e["image"] for e in _elements(src.train)]), per_image)
+    lookup = data.indexed(src)
+    np.testing.assert_array_equal(lookup(tf.constant([4, 0, 8]))["image"].numpy(), per_image[[4, 0, 8]])
+    assert len(calls) == at_load                                       # reads do not resize again
+    if (size, channels) == (16, 1):
+        np.testing.assert_array_equal(per_image, x)                    # the identity resize changed nothing
+
+
+def test_in_memory_images_too_large_to_prepare_are_prepared_at_each_read():
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (6, 10, 10, 1), dtype=np.uint8)
+    assert data._prepared_array(x, 14, 3, max_bytes=6 * 14 * 14 * 3 - 1) is None
+    assert data._prepared_array(x, 14, 3, max_bytes=6 * 14 * 14 * 3).shape == (6, 14, 14, 3)
+    assert data._prepared_array(x, 10, 1, max_bytes=0) is x             # already prepared: nothing to hold
+    import unittest.mock as mock
+    with mock.patch.object(data, "_prepared_array", return_value=None):
+        src = data.from_numpy(x, None, cfg=DataConfig(name="numpy", image_size=14, channels=3))
+    per_image = np.stack([data._prepare(tf.constant(im), 14, 3).numpy() for im in x])
+    np.testing.assert_array_equal(np.stack([e["image"] for e in _elements(src.train)]), per_image)
+    np.testing.assert_array_equal(data.indexed(src)(tf.constant([5, 1]))["image"].numpy(), per_image[[5, 1]])
+
+
 def test_from_numpy_rejects_bad_shape():
     with pytest.raises(DataError):
         data.from_numpy(np.zeros((4, 8, 8, 2), np.uint8), None)

@@ -125,11 +125,30 @@ def _from_arrays(x, y, cfg):
     if x.dtype != np.uint8:
         x = np.clip(np.round(x * 255.0 if x.max() <= 1.0 else x), 0, 255).astype(np.uint8)
     y = np.full([len(x)], -1, np.int32) if y is None else np.asarray(y, np.int32)
-    ds = tf.data.Dataset.from_tensor_slices({"image": x, "label": y})
-    xt, yt = tf.constant(x), tf.constant(y)
-    lookup = lambda i: {"image": _prepare(tf.gather(xt, i), cfg.image_size, cfg.channels), "label": tf.gather(yt, i)}
-    return ds.map(lambda e: {"image": _prepare(e["image"], cfg.image_size, cfg.channels), "label": e["label"]},
-                  num_parallel_calls=AUTOTUNE), len(x), lookup
+    prepared = _prepared_array(x, cfg.image_size, cfg.channels)
+    if prepared is None:        # too large to hold prepared: each read resizes its image (as a TFDS source does)
+        ds = tf.data.Dataset.from_tensor_slices({"image": x, "label": y})
+        xt, yt = tf.constant(x), tf.constant(y)
+        lookup = lambda i: {"image": _prepare(tf.gather(xt, i), cfg.image_size, cfg.channels),  # noqa: E731
+                            "label": tf.gather(yt, i)}
+        return ds.map(lambda e: {"image": _prepare(e["image"], cfg.image_size, cfg.channels), "label": e["label"]},
+                      num_parallel_calls=AUTOTUNE), len(x), lookup
+    xt, yt = tf.constant(prepared), tf.constant(y)
+    lookup = lambda i: {"image": tf.gather(xt, i), "label": tf.gather(yt, i)}                    # noqa: E731
+    return tf.data.Dataset.from_tensor_slices({"image": xt, "label": yt}), len(x), lookup
+
+
+def _prepared_array(x, size, channels, max_bytes=2 ** 31, chunk=4096):
+    """uint8 [N,H,W,C] → the prepared [N,size,size,channels] (:func:`_prepare`), computed once here rather than at
+    every read of every epoch (a 28→28 antialiased resize per image cost as much CPU as the views, bench/NOTES.md
+    §7o). ``x`` itself when it already has that shape (the resize would be the identity); None when the prepared
+    array would take more than ``max_bytes``."""
+    if tuple(x.shape[1:]) == (size, size, channels):
+        return x
+    if len(x) * size * size * channels > max_bytes:
+        return None
+    return np.concatenate([_prepare(tf.constant(x[i:i + chunk]), size, channels).numpy()
+                           for i in range(0, len(x), chunk)] or [np.zeros((0, size, size, channels), np.uint8)])
 
 
 def from_numpy(x_train, y_train, x_test=None, y_test=None, cfg=None, name="numpy", mean=None, std=None):
